@@ -1,0 +1,556 @@
+"""The bus every agent talks to, and the one delivery loop every backend shares.
+
+:class:`Bus` wraps a :class:`~agentevents.core.transport.Transport`. Publishing encodes
+events and waits for the broker's durable acceptance. Subscribing opens a receiver and
+runs a :class:`Subscription`, which owns, for every backend alike:
+
+* decoding (bad bytes or invalid events go to the dead-letter destination, then are acked);
+* the pattern check (a backend may over-deliver; non-matching messages are acked unseen);
+* per-key ordering: events with the same ``key`` run one at a time, in arrival order;
+  events without a key run concurrently;
+* backpressure: at most ``max_in_flight`` messages received and not yet acknowledged;
+* retries: a handler that raises is retried on the same member with exponential backoff
+  up to ``max_attempts`` (counting the broker's earlier deliveries), then the event is
+  dead-lettered with the error, attempt count and group, and the group moves on;
+* keeping held messages alive (``Receiver.extend``) while handlers or backoffs run long;
+* batched acknowledgements;
+* graceful stop: stop receiving, let started handlers finish within a timeout, hand the
+  rest back to the broker, flush acks, leave the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from agentevents.core.codec import decode_event, encode_event
+from agentevents.core.deadletter import DeadLetter
+from agentevents.core.errors import (
+    AgentEventsError,
+    BusClosedError,
+    EventValidationError,
+    PayloadTooLargeError,
+    PublishError,
+    SubscribeError,
+)
+from agentevents.core.event import Event
+from agentevents.core.patterns import Pattern, compile_pattern
+from agentevents.core.transport import (
+    Capabilities,
+    ConsumerSpec,
+    InboundMessage,
+    OutboundMessage,
+    Receiver,
+    StartPosition,
+    Transport,
+)
+from agentevents.core.urls import redact_url
+
+__all__ = ["Bus", "Delivery", "Handler", "Subscription", "current_delivery"]
+
+log = logging.getLogger("agentevents.bus")
+
+#: What ``subscribe`` calls for every matching event; returning acknowledges it.
+Handler = Callable[[Event], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Facts about the delivery a handler is running for (see :func:`current_delivery`)."""
+
+    #: 1 on the first attempt; counts the broker's redeliveries and local retries.
+    attempt: int
+    max_attempts: int
+    group: str | None
+    pattern: str
+
+    @property
+    def is_last_attempt(self) -> bool:
+        """Whether failing now sends the event to the dead-letter destination."""
+        return self.attempt >= self.max_attempts
+
+
+_current: ContextVar[Delivery | None] = ContextVar("agentevents_delivery", default=None)
+
+
+def current_delivery() -> Delivery:
+    """The :class:`Delivery` of the handler call in progress (attempt number, group, ...)."""
+    delivery = _current.get()
+    if delivery is None:
+        raise RuntimeError("current_delivery() is only available inside a bus handler")
+    return delivery
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """Delivery settings of one subscription; :class:`Bus` holds the defaults."""
+
+    max_in_flight: int = 64
+    max_attempts: int = 5
+    ack_timeout: float = 30.0
+    retry_backoff: float = 0.1
+    max_backoff: float = 10.0
+    drain_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise SubscribeError("max_in_flight must be at least 1")
+        if self.max_attempts < 1:
+            raise SubscribeError("max_attempts must be at least 1")
+        if self.ack_timeout <= 0:
+            raise SubscribeError("ack_timeout must be positive (seconds)")
+
+    def backoff(self, attempt: int) -> float:
+        """Delay after failed attempt number ``attempt``: exponential, capped."""
+        return float(min(self.max_backoff, self.retry_backoff * (2 ** (attempt - 1))))
+
+
+class Subscription:
+    """A running consumer: one member of a group, or an ephemeral subscriber.
+
+    Created by :meth:`Bus.subscribe`; stop it with :meth:`stop` (or by closing the bus).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        receiver: Receiver,
+        pattern: Pattern,
+        handler: Handler,
+        group: str | None,
+        options: SubscriptionOptions,
+    ) -> None:
+        self._bus = bus
+        self._receiver = receiver
+        self.pattern = pattern
+        self.group = group
+        self._handler = handler
+        self._options = options
+        self._in_flight = 0
+        self._slot_free = asyncio.Event()
+        self._unkeyed: deque[tuple[InboundMessage, Event]] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._lanes: dict[str, deque[tuple[InboundMessage, Event]]] = {}
+        self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._held: dict[InboundMessage, float] = {}
+        self._acks: list[InboundMessage] = []
+        self._ack_wake = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._fetcher = asyncio.create_task(self._fetch_loop(), name="agentevents-fetch")
+        self._acker = asyncio.create_task(self._ack_loop(), name="agentevents-ack")
+        self._keeper = asyncio.create_task(self._keep_alive_loop(), name="agentevents-keepalive")
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`stop` begins."""
+        return not self._stopping
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        limit = self._options.max_in_flight
+        while not self._stopping:
+            free = limit - self._in_flight
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                messages = await self._receiver.receive(free, 1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("receive failed for %r (group %r); retrying in 1 s",
+                              self.pattern.text, self.group)
+                await asyncio.sleep(1.0)
+                continue
+            for message in messages:
+                self._in_flight += 1
+                self._dispatch(message)
+            if self._unkeyed:
+                self._wake_worker()
+
+    def _dispatch(self, message: InboundMessage) -> None:
+        event = message.event
+        if event is None:
+            try:
+                event = decode_event(message.body or b"")
+            except EventValidationError as exc:
+                self._track(message)
+                self._spawn(self._dead_letter(message, None, exc, message.delivery_count))
+                return
+        if not self.pattern.matches(event.type):
+            self._finish(message)
+            return
+        self._track(message)
+        key = event.key
+        if key is None:
+            self._unkeyed.append((message, event))
+            return
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.append((message, event))
+            return
+        self._lanes[key] = deque([(message, event)])
+        self._spawn(self._run_lane(key))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._lane_tasks.add(task)
+        task.add_done_callback(self._lane_tasks.discard)
+
+    def _track(self, message: InboundMessage) -> None:
+        self._held[message] = time.monotonic()
+
+    # -- handling -----------------------------------------------------------------------
+
+    def _wake_worker(self) -> None:
+        """Wake one idle worker, or start one while fewer than ``max_in_flight`` exist.
+
+        Workers wake each other in a chain (a worker that takes an item while more are
+        queued wakes the next), so a burst costs one wake-up per worker that is actually
+        needed, not one per message: fast handlers drain a batch on one worker, slow ones
+        fan out to ``max_in_flight`` concurrent workers.
+        """
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        if len(self._workers) < self._options.max_in_flight:
+            task = asyncio.create_task(self._unkeyed_worker(), name="agentevents-worker")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    async def _unkeyed_worker(self) -> None:
+        queue = self._unkeyed
+        loop = asyncio.get_running_loop()
+        while True:
+            if not queue:
+                if self._stopping:
+                    return
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            message, event = queue.popleft()
+            if queue:
+                self._wake_worker()
+            await self._handle(message, event)
+
+    async def _run_lane(self, key: str) -> None:
+        lane = self._lanes[key]
+        try:
+            while lane:
+                message, event = lane[0]
+                await self._handle(message, event)
+                lane.popleft()
+        finally:
+            del self._lanes[key]
+
+    async def _handle(self, message: InboundMessage, event: Event) -> None:
+        options = self._options
+        attempt = message.delivery_count
+        while True:
+            token = _current.set(Delivery(attempt, options.max_attempts, self.group,
+                                          self.pattern.text))
+            try:
+                await self._handler(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if attempt >= options.max_attempts:
+                    await self._dead_letter(message, event, exc, attempt)
+                    return
+                log.debug("handler failed on %s (attempt %d): %r", event.id, attempt, exc)
+                await asyncio.sleep(options.backoff(attempt))
+                attempt += 1
+                continue
+            finally:
+                _current.reset(token)
+            self._finish(message)
+            return
+
+    async def _dead_letter(
+        self, message: InboundMessage, event: Event | None, exc: BaseException, attempts: int
+    ) -> None:
+        body = message.body if message.body is not None else encode_event(event)  # type: ignore[arg-type]
+        text, is_b64 = DeadLetter.encode_body(body)
+        letter = DeadLetter(
+            group=self.group,
+            pattern=self.pattern.text,
+            topic=message.topic,
+            event_id=str(event.id) if event is not None else None,
+            event_type=event.type if event is not None else None,
+            error=str(exc) or repr(exc),
+            error_type=type(exc).__qualname__,
+            attempts=attempts,
+            body=text,
+            body_base64=is_b64,
+        )
+        try:
+            await self._bus.transport.dead_letter([letter])
+        except Exception:
+            log.exception("could not dead-letter message on %r; handing it back to the broker",
+                          message.topic)
+            self._held.pop(message, None)
+            with contextlib.suppress(Exception):
+                await self._receiver.nack([message], self._options.max_backoff)
+            self._release()
+            return
+        log.warning("dead-lettered %s on %r (group %r) after %d attempt(s): %s",
+                    letter.event_id or "undecodable message", message.topic, self.group,
+                    attempts, letter.error)
+        self._finish(message)
+
+    def _finish(self, message: InboundMessage) -> None:
+        self._held.pop(message, None)
+        self._acks.append(message)
+        self._ack_wake.set()
+        self._release()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._slot_free.set()
+
+    # -- acknowledging and keeping alive ------------------------------------------------
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        while self._acks:
+            batch, self._acks = self._acks, []
+            try:
+                await self._receiver.ack(batch)
+            except asyncio.CancelledError:
+                self._acks[:0] = batch
+                raise
+            except Exception:
+                log.exception("ack of %d message(s) failed; the broker will redeliver them",
+                              len(batch))
+
+    async def _keep_alive_loop(self) -> None:
+        period = self._options.ack_timeout / 3
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - period
+            old = [m for m, since in self._held.items() if since <= cutoff]
+            if not old:
+                continue
+            try:
+                await self._receiver.extend(old)
+            except Exception:
+                log.exception("could not extend %d held message(s)", len(old))
+                continue
+            now = time.monotonic()
+            for message in old:
+                if message in self._held:
+                    self._held[message] = now
+
+    # -- stopping -----------------------------------------------------------------------
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop receiving, let started handlers finish, hand back the rest, leave.
+
+        Handlers still running after ``timeout`` seconds (default: the subscription's
+        ``drain_timeout``) are cancelled and their messages handed back for redelivery.
+        """
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        timeout = self._options.drain_timeout if timeout is None else timeout
+        self._fetcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._fetcher
+        # Work not yet started stays unstarted: drop it from the queues (it is still held,
+        # so it is handed back below), let started handlers finish, then stop the workers.
+        self._unkeyed.clear()
+        for lane in self._lanes.values():
+            while len(lane) > 1:
+                lane.pop()
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        busy = [*self._workers, *self._lane_tasks]
+        if busy:
+            _done, pending = await asyncio.wait(busy, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        unstarted = list(self._held)
+        self._held.clear()
+        self._keeper.cancel()
+        self._acker.cancel()
+        for task in (self._keeper, self._acker):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await self._flush_acks()
+            if unstarted:
+                await self._receiver.nack(unstarted, 0.0)
+        except Exception:
+            log.exception("could not settle messages while stopping; they will be redelivered")
+        finally:
+            with contextlib.suppress(Exception):
+                await self._receiver.close()
+            self._bus._forget(self)
+            self._stopped.set()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "stopped"
+        return f"<Subscription {self.pattern.text!r} group={self.group!r} {state}>"
+
+
+class Bus:
+    """Publish and subscribe to events; the same object whatever the backend.
+
+    Build one with :func:`agentevents.create_bus` (a URL picks the backend) or directly
+    from a transport. ``options`` are defaults for every :meth:`subscribe` call.
+    """
+
+    def __init__(self, transport: Transport, *, url: str | None = None, **options: Any) -> None:
+        self.transport = transport
+        self._url = url
+        self._defaults = SubscriptionOptions(**options)
+        self._subscriptions: set[Subscription] = set()
+        self._closed = False
+        self._max_bytes = transport.capabilities.max_payload_bytes
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the backend guarantees beyond the core contract."""
+        return self.transport.capabilities
+
+    def _encode(self, event: Event) -> OutboundMessage:
+        body = encode_event(event)
+        if self._max_bytes is not None and len(body) > self._max_bytes:
+            raise PayloadTooLargeError(str(event.id), len(body), self._max_bytes)
+        return OutboundMessage(str(event.id), event.type, event.key, body, event)
+
+    async def publish(self, event: Event) -> None:
+        """Publish one event; returns once the broker durably accepted it.
+
+        Raises :class:`PublishError` (or :class:`PayloadTooLargeError`) otherwise.
+        """
+        await self._send([self._encode(event)])
+
+    async def publish_many(self, events: Iterable[Event]) -> None:
+        """Publish a batch (pipelined where the broker allows); all accepted, or it raises.
+
+        On :class:`PublishError` some events may have been accepted: publishing them again
+        is safe, ids are idempotency keys.
+        """
+        messages = [self._encode(event) for event in events]
+        if messages:
+            await self._send(messages)
+
+    async def _send(self, messages: Sequence[OutboundMessage]) -> None:
+        if self._closed:
+            raise BusClosedError("this bus is closed; create a new one to publish")
+        try:
+            await self.transport.send(messages)
+        except AgentEventsError:
+            raise
+        except Exception as exc:  # a backend forgot to translate: never let it escape raw
+            raise PublishError(
+                f"publishing to {self!r} failed: {exc!r}; the event(s) may be retried safely"
+            ) from exc
+
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: Handler,
+        *,
+        group: str | None = None,
+        start: StartPosition = "latest",
+        consumer: str | None = None,
+        **options: Any,
+    ) -> Subscription:
+        """Call ``handler`` for every event whose type matches ``pattern``.
+
+        ``group=None`` subscribes ephemerally (events published while subscribed);
+        ``group="name"`` joins a durable group: every group gets every event, members of
+        one group share them. ``start`` applies to a group seen for the first time.
+        ``options`` override this bus's delivery defaults (``max_in_flight``,
+        ``max_attempts``, ``ack_timeout``, ``retry_backoff``, ``max_backoff``,
+        ``drain_timeout``). Returns once the consumer exists on the broker.
+        """
+        if self._closed:
+            raise BusClosedError("this bus is closed; create a new one to subscribe")
+        compiled = compile_pattern(pattern)
+        if group is not None and not group:
+            raise SubscribeError("group must be a non-empty name, or None for ephemeral")
+        if start not in ("latest", "earliest"):
+            raise SubscribeError(f"start must be 'latest' or 'earliest', not {start!r}")
+        settings = self._defaults
+        if options:
+            fields = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
+            unknown = set(options) - set(fields)
+            if unknown:
+                raise SubscribeError(f"unknown subscribe option(s): {', '.join(sorted(unknown))}")
+            settings = SubscriptionOptions(**{**fields, **options})
+        spec = ConsumerSpec(
+            pattern=compiled,
+            group=group,
+            start=start,
+            ack_timeout=settings.ack_timeout,
+            consumer=consumer or f"member-{uuid.uuid4().hex[:12]}",
+            max_in_flight=settings.max_in_flight,
+            max_attempts=settings.max_attempts,
+        )
+        try:
+            receiver = await self.transport.open_receiver(spec)
+        except AgentEventsError:
+            raise
+        except Exception as exc:
+            raise SubscribeError(
+                f"could not subscribe to {pattern!r} on {self!r}: {exc!r}"
+            ) from exc
+        subscription = Subscription(self, receiver, compiled, handler, group, settings)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Oldest-first dead letters from the backend's dead-letter destination."""
+        return await self.transport.read_dead_letters(group, limit)
+
+    def _forget(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop every subscription (draining in-flight handlers up to ``timeout``) and
+        release the backend's connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.gather(
+            *(sub.stop(timeout) for sub in list(self._subscriptions)), return_exceptions=True
+        )
+        await self.transport.close()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        where = redact_url(self._url) if self._url else type(self.transport).__name__
+        return f"<Bus {where}>"

@@ -1,0 +1,147 @@
+"""The one exception hierarchy of agentevents.
+
+Every error the framework raises on purpose derives from :class:`AgentEventsError`;
+driver and broker errors are translated at the adapter edge (``raise ... from exc``)
+into the most specific class below, so callers never catch a client library's types::
+
+    AgentEventsError
+    ├── ConfigurationError            bad URL, option or settings value
+    │   ├── UnknownBackendError       no installed plugin handles the URL scheme
+    │   └── MissingDependencyError    the backend's client library (extra) is not installed
+    ├── EventValidationError          an event or payload does not satisfy its schema
+    │   └── UnknownEventTypeError     no payload model is registered for (type, version)
+    ├── BusError
+    │   ├── PublishError              the broker did not durably accept an event
+    │   │   └── PayloadTooLargeError  the encoded event exceeds the backend's limit
+    │   ├── SubscribeError            a subscription could not be created
+    │   └── BusClosedError            the bus was used after ``close()``
+    ├── StoreError
+    │   ├── ConcurrencyError          ``expected_version`` did not match the stream
+    │   ├── DuplicateEventError       an event id is already stored
+    │   └── StoreClosedError          the store was used after ``close()``
+    └── BackendConnectionError        the server behind a (redacted) URL cannot be reached
+
+Messages say what to do next, and never contain a password.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+
+class AgentEventsError(Exception):
+    """Root of every error agentevents raises on purpose."""
+
+
+class ConfigurationError(AgentEventsError):
+    """A URL, option or setting is invalid; the message names the bad value."""
+
+
+class UnknownBackendError(ConfigurationError):
+    """No installed plugin handles a URL scheme."""
+
+    def __init__(self, scheme: str, kind: str, installed: Iterable[str]) -> None:
+        names = ", ".join(sorted(installed)) or "none"
+        super().__init__(
+            f"no {kind} backend handles the URL scheme {scheme!r}; installed schemes: {names}. "
+            "Check the URL, or install the package that provides this backend "
+            "(run `agentevents backends` to list what is discovered)."
+        )
+        self.scheme = scheme
+        self.installed = sorted(installed)
+
+
+class MissingDependencyError(ConfigurationError):
+    """A backend's client library is not installed."""
+
+    def __init__(self, backend: str, extra: str, module: str) -> None:
+        super().__init__(
+            f"the {backend} backend needs the Python package {module!r}, which is not installed; "
+            f"install it with: pip install 'agentevents[{extra}]'"
+        )
+        self.backend = backend
+        self.extra = extra
+
+
+class EventValidationError(AgentEventsError, ValueError):
+    """An event, its payload or its encoded form is invalid."""
+
+
+class UnknownEventTypeError(EventValidationError):
+    """No payload model is registered for an event type and version."""
+
+
+class BusError(AgentEventsError):
+    """Base class of errors raised by a :class:`~agentevents.core.bus.Bus`."""
+
+
+class PublishError(BusError):
+    """The broker did not durably accept an event; it was not published.
+
+    Publishing is safe to retry: the event id is the idempotency key.
+    """
+
+
+class PayloadTooLargeError(PublishError):
+    """An encoded event is larger than the backend accepts."""
+
+    def __init__(self, event_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"event {event_id} encodes to {size} bytes, over this backend's limit of {limit} "
+            "bytes; store the large content elsewhere (object storage, the event store) and "
+            "publish a reference to it"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class SubscribeError(BusError):
+    """A subscription could not be created (bad pattern, broker refused the consumer)."""
+
+
+class BusClosedError(BusError):
+    """The bus was used after ``close()``; create a new bus."""
+
+
+class StoreError(AgentEventsError):
+    """Base class of errors raised by an event store."""
+
+
+class ConcurrencyError(StoreError):
+    """The stream's version did not match ``expected_version``; nothing was stored.
+
+    Re-read the stream, decide again, and retry the append.
+    """
+
+    def __init__(self, stream_id: str, expected: object, actual: int | None) -> None:
+        shown = "no stream" if actual is None else f"version {actual}"
+        super().__init__(
+            f"stream {stream_id!r} is at {shown}, but the append expected {expected}; "
+            "nothing was stored. Re-read the stream and retry the command."
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class DuplicateEventError(StoreError):
+    """An event id in the batch is already stored; nothing of the batch was stored."""
+
+    def __init__(self, event_ids: Iterable[str]) -> None:
+        ids = sorted(event_ids)
+        super().__init__(
+            f"event id(s) {', '.join(ids)} already stored; nothing of this batch was stored. "
+            "Event ids are idempotency keys: treat this as 'already done' or use new ids."
+        )
+        self.event_ids = ids
+
+
+class StoreClosedError(StoreError):
+    """The store was used after ``close()``; create a new store."""
+
+
+class BackendConnectionError(AgentEventsError, ConnectionError):
+    """The server behind a URL cannot be reached; the URL in the message is redacted."""

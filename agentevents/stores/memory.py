@@ -1,0 +1,282 @@
+"""The in-memory reference event store: ``memory://`` and ``memory://name``.
+
+It passes the whole store conformance suite and is the model the other stores follow.
+
+* ``memory://`` builds a fresh, private store on every :func:`create_store` call.
+* ``memory://name`` shares one named log with every store of that name in this process
+  (the way ``memory://name`` shares a bus), so two components can append and follow the
+  same history. A named log lives as long as the process.
+
+Nothing survives the process. Positions are 1, 2, 3, ... without gaps: an append runs
+to completion under one lock (check the expected version, assign versions and positions,
+record) and never awaits in between, so appends are totally ordered and a reader can never
+see position ``p`` before every position below ``p`` is recorded: there are no holes.
+
+The lock is a :class:`threading.Lock`, held only for that synchronous section, rather than
+an :class:`asyncio.Lock`: a named log outlives event loops (tests, repeated
+``asyncio.run``), and asyncio primitives bind to the first loop that waits on them.
+For the same reason followers blocked in :meth:`MemoryEventStore.wait_for_append` are
+woken through one future per waiter, on that waiter's own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from urllib.parse import urlsplit
+from uuid import UUID
+
+from agentevents.core.errors import (
+    ConfigurationError,
+    DuplicateEventError,
+    StoreClosedError,
+)
+from agentevents.core.event import Event, utcnow
+from agentevents.core.store import (
+    ANY,
+    EventQuery,
+    EventStore,
+    ExpectedVersion,
+    RecordedEvent,
+    Snapshot,
+    check_expected_version,
+)
+from agentevents.plugins.hookspecs import BackendInfo, hookimpl
+from agentevents.stores._common import aware_utc, check_batch, json_dumps, json_loads
+
+__all__ = ["MemoryEventStore", "agentevents_store_backends"]
+
+
+class _Log:
+    """The state of one in-memory store; several store objects may share a named one."""
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        #: Every recorded event; ``events[p - 1]`` is at position ``p``.
+        self.events: list[RecordedEvent] = []
+        #: Each stream's events; ``streams[s][v - 1]`` is version ``v``.
+        self.streams: dict[str, list[RecordedEvent]] = {}
+        self.ids: set[UUID] = set()
+        #: Snapshots as (version, state JSON, time): copied in and out.
+        self.snapshots: dict[str, Snapshot] = {}
+        self.waiters: set[asyncio.Future[None]] = set()
+
+    def wake(self) -> None:
+        """Resolve every waiter's future, each on its own event loop."""
+        with self.mutex:
+            waiters, self.waiters = self.waiters, set()
+        for future in waiters:
+            loop = future.get_loop()
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if loop is running:
+                _resolve(future)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_resolve, future)
+                except RuntimeError:  # that loop is closed: nobody is waiting any more
+                    pass
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_named_logs: dict[str, _Log] = {}
+_named_lock = threading.Lock()
+
+
+def _log_named(name: str) -> _Log:
+    with _named_lock:
+        return _named_logs.setdefault(name, _Log())
+
+
+class MemoryEventStore(EventStore):
+    """An event store in this process's memory.
+
+    ``MemoryEventStore()`` is private to its owner; ``MemoryEventStore(name="x")`` (or
+    ``create_store("memory://x")``) shares the log named ``x`` within the process.
+    Closing a store object does not erase a named log; other objects keep using it.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self._name = name
+        self._log = _log_named(name) if name else _Log()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryEventStore:
+        """``memory://`` (a private store) or ``memory://name`` (a shared, named one)."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "memory" or parts.query or parts.path.strip("/"):
+            raise ConfigurationError(
+                f"{url!r} is not a memory store URL: use 'memory://' or 'memory://name'"
+            )
+        return cls(name=parts.netloc or None)
+
+    def __repr__(self) -> str:
+        return f"MemoryEventStore('memory://{self._name or ''}')"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self!r} is closed; create a new store")
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        expected_version: ExpectedVersion = ANY,
+    ) -> list[RecordedEvent]:
+        """Append atomically; an empty batch only checks ``expected_version``."""
+        self._check_open()
+        check_batch(events)
+        # Copy payloads through JSON: the store keeps what the SQL store would keep, and a
+        # caller changing its dicts afterwards cannot change history.
+        copies = [
+            event.model_copy(
+                update={
+                    "payload": json_loads(json_dumps(event.payload, f"payload of {event.id}")),
+                    "metadata": dict(event.metadata),
+                }
+            )
+            for event in events
+        ]
+        log = self._log
+        with log.mutex:
+            stream = log.streams.get(stream_id, [])
+            check_expected_version(stream_id, expected_version, len(stream) or None)
+            stored = [str(e.id) for e in copies if e.id in log.ids]
+            if stored:
+                raise DuplicateEventError(stored)
+            if not copies:
+                return []
+            now = utcnow()
+            recorded = [
+                RecordedEvent(
+                    event=event,
+                    stream_id=stream_id,
+                    version=len(stream) + i,
+                    position=len(log.events) + i,
+                    recorded_at=now,
+                )
+                for i, event in enumerate(copies, start=1)
+            ]
+            log.events.extend(recorded)
+            log.streams.setdefault(stream_id, []).extend(recorded)
+            log.ids.update(e.id for e in copies)
+        log.wake()
+        return recorded
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        self._check_open()
+        start = max(from_version, 1) - 1
+        with self._log.mutex:
+            stream = self._log.streams.get(stream_id, [])
+            return stream[start : None if limit is None else start + max(limit, 0)]
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        self._check_open()
+        start = max(after_position, 0)
+        with self._log.mutex:
+            return self._log.events[start : start + max(limit, 0)]
+
+    async def query(self, query: EventQuery) -> list[RecordedEvent]:
+        self._check_open()
+        types = None if query.types is None else frozenset(query.types)
+        since = None if query.since is None else aware_utc(query.since, "query.since")
+        until = None if query.until is None else aware_utc(query.until, "query.until")
+        with self._log.mutex:
+            candidates = (
+                self._log.streams.get(query.stream_id, [])
+                if query.stream_id is not None
+                else self._log.events
+            )
+            found: list[RecordedEvent] = []
+            for recorded in candidates:
+                event = recorded.event
+                if (
+                    recorded.position <= query.after_position
+                    or (types is not None and event.type not in types)
+                    or (query.source is not None and event.source != query.source)
+                    or (
+                        query.correlation_id is not None
+                        and event.correlation_id != query.correlation_id
+                    )
+                    or (since is not None and event.time < since)
+                    or (until is not None and event.time >= until)
+                ):
+                    continue
+                if query.limit is not None and len(found) >= query.limit:
+                    break
+                found.append(recorded)
+            return found
+
+    async def stream_version(self, stream_id: str) -> int | None:
+        self._check_open()
+        with self._log.mutex:
+            return len(self._log.streams.get(stream_id, [])) or None
+
+    async def head_position(self) -> int:
+        self._check_open()
+        with self._log.mutex:
+            return len(self._log.events)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        self._check_open()
+        state = json_loads(json_dumps(snapshot.state, f"snapshot state of {snapshot.stream_id!r}"))
+        time = aware_utc(snapshot.time, "snapshot time")
+        with self._log.mutex:
+            self._log.snapshots[snapshot.stream_id] = replace(snapshot, state=state, time=time)
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        self._check_open()
+        with self._log.mutex:
+            snapshot = self._log.snapshots.get(stream_id)
+        if snapshot is None:
+            return None
+        return replace(snapshot, state=json_loads(json_dumps(snapshot.state, "snapshot state")))
+
+    async def wait_for_append(self, after_position: int, timeout: float) -> None:
+        self._check_open()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        log = self._log
+        with log.mutex:
+            if len(log.events) > after_position:
+                return
+            log.waiters.add(future)
+        try:
+            await asyncio.wait([future], timeout=max(timeout, 0))
+        finally:
+            with log.mutex:
+                log.waiters.discard(future)
+
+    async def close(self) -> None:
+        """Stop this store object (idempotent); a named log stays for other objects."""
+        if not self._closed:
+            self._closed = True
+            self._log.wake()
+
+
+def _create(url: str) -> MemoryEventStore:
+    return MemoryEventStore.from_url(url)
+
+
+@hookimpl
+def agentevents_store_backends() -> list[BackendInfo]:
+    """The in-memory store, for ``memory://`` and ``memory://name``."""
+    return [
+        BackendInfo(
+            name="memory-store",
+            kind="store",
+            schemes=("memory",),
+            factory=_create,
+            description="in-process event store (reference implementation, not durable)",
+        )
+    ]
