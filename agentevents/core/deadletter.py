@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING
+from datetime import datetime
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentevents.core.event import new_event_id, utcnow
-
-if TYPE_CHECKING:
-    from datetime import datetime
-    from uuid import UUID
 
 __all__ = ["DeadLetter"]
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from uuid_utils.compat import uuid7
-
-if TYPE_CHECKING:
-    from uuid import UUID
 
 __all__ = ["EVENT_TYPE_PATTERN", "METADATA_KEY_PATTERN", "Event", "new_event_id", "utcnow"]
 
