@@ -46,7 +46,7 @@ def test_good_type_names_are_accepted(name: str) -> None:
 
 def test_naive_time_is_rejected_and_aware_time_becomes_utc() -> None:
     with pytest.raises(ValidationError, match="naive datetime"):
-        Event(type="a.b", time=datetime(2025, 1, 1, 12, 0))  # noqa: DTZ001
+        Event(type="a.b", time=datetime(2025, 1, 1, 12, 0))
     plus_two = timezone(timedelta(hours=2))
     event = Event(type="a.b", time=datetime(2025, 1, 1, 14, 0, tzinfo=plus_two))
     assert event.time == datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
@@ -141,7 +141,10 @@ def test_foreign_cloudevent_extensions_become_metadata() -> None:
         (b"[1, 2]", "JSON object"),
         (b'{"specversion": "0.3"}', "specversion"),
         (b'{"specversion": "1.0", "id": "x", "type": "Bad Type", "source": "s"}', "invalid"),
-        (b'{"specversion": "1.0", "datacontenttype": "text/plain", "data": "x"}', "datacontenttype"),
+        (
+            b'{"specversion": "1.0", "datacontenttype": "text/plain", "data": "x"}',
+            "datacontenttype",
+        ),
     ],
 )
 def test_undecodable_bytes_raise_validation_error(body: bytes, reason: str) -> None:

@@ -11,7 +11,8 @@ runs a :class:`Subscription`, which owns, for every backend alike:
 * backpressure: at most ``max_in_flight`` messages received and not yet acknowledged;
 * retries: a handler that raises is retried on the same member with exponential backoff
   up to ``max_attempts`` (counting the broker's earlier deliveries), then the event is
-  dead-lettered with the error, attempt count and group, and the group moves on;
+  dead-lettered with the error, attempt count and group, and the group moves on; a handler
+  that raises :class:`~agentevents.core.errors.RejectEvent` is dead-lettered at once;
 * keeping held messages alive (``Receiver.extend``) while handlers or backoffs run long;
 * batched acknowledgements;
 * graceful stop: stop receiving, let started handlers finish within a timeout, hand the
@@ -39,6 +40,7 @@ from agentevents.core.errors import (
     EventValidationError,
     PayloadTooLargeError,
     PublishError,
+    RejectEvent,
     SubscribeError,
 )
 from agentevents.core.event import Event
@@ -269,7 +271,7 @@ class Subscription:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if attempt >= options.max_attempts:
+                if attempt >= options.max_attempts or isinstance(exc, RejectEvent):
                     await self._dead_letter(message, event, exc, attempt)
                     return
                 log.debug("handler failed on %s (attempt %d): %r", event.id, attempt, exc)

@@ -14,6 +14,7 @@ into the most specific class below, so callers never catch a client library's ty
     │   ├── PublishError              the broker did not durably accept an event
     │   │   └── PayloadTooLargeError  the encoded event exceeds the backend's limit
     │   ├── SubscribeError            a subscription could not be created
+    │   ├── RejectEvent               raised by a handler: dead-letter now, do not retry
     │   └── BusClosedError            the bus was used after ``close()``
     ├── StoreError
     │   ├── ConcurrencyError          ``expected_version`` did not match the stream
@@ -57,10 +58,11 @@ class UnknownBackendError(ConfigurationError):
 class MissingDependencyError(ConfigurationError):
     """A backend's client library is not installed."""
 
-    def __init__(self, backend: str, extra: str, module: str) -> None:
+    def __init__(self, backend: str, extra: str | None, module: str) -> None:
+        command = f"pip install 'agentevents[{extra}]'" if extra else f"pip install {module}"
         super().__init__(
             f"the {backend} backend needs the Python package {module!r}, which is not installed; "
-            f"install it with: pip install 'agentevents[{extra}]'"
+            f"install it with: {command}"
         )
         self.backend = backend
         self.extra = extra
@@ -102,6 +104,14 @@ class SubscribeError(BusError):
     """A subscription could not be created (bad pattern, broker refused the consumer)."""
 
 
+class RejectEvent(BusError):
+    """Raise from a handler to dead-letter the event at once, without further retries.
+
+    For events that can never succeed (a payload that does not validate, a reference to
+    something that does not exist). The message is the dead letter's reason.
+    """
+
+
 class BusClosedError(BusError):
     """The bus was used after ``close()``; create a new bus."""
 
@@ -133,7 +143,8 @@ class DuplicateEventError(StoreError):
     def __init__(self, event_ids: Iterable[str]) -> None:
         ids = sorted(event_ids)
         super().__init__(
-            f"event id(s) {', '.join(ids)} already stored; nothing of this batch was stored. "
+            f"event id(s) {', '.join(ids)} already stored, or repeated within the batch; "
+            "nothing of this batch was stored. "
             "Event ids are idempotency keys: treat this as 'already done' or use new ids."
         )
         self.event_ids = ids

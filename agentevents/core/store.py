@@ -9,8 +9,6 @@ subscriptions depend on that.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -18,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from agentevents.core.event import Event, utcnow
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncGenerator, Sequence
     from datetime import datetime
 
 __all__ = [
@@ -182,7 +180,7 @@ class EventStore(ABC):
 
     async def subscribe(
         self, after_position: int = 0, *, batch_size: int = 500, idle_timeout: float = 1.0
-    ) -> AsyncIterator[RecordedEvent]:
+    ) -> AsyncGenerator[RecordedEvent, None]:
         """Catch-up subscription: history after ``after_position``, then live events.
 
         Yields every event exactly once in global order, forever (break out, or cancel the
@@ -203,9 +201,3 @@ class EventStore(ABC):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-
-async def sleep_until_notified(condition: asyncio.Condition, timeout: float) -> None:
-    """Wait on ``condition`` for at most ``timeout`` seconds (helper for in-process stores)."""
-    async with condition:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(condition.wait(), timeout)

@@ -115,7 +115,10 @@ class ConsumerSpec:
     """Everything a backend needs to create or join a consumer."""
 
     pattern: Pattern
-    #: Durable group name, or ``None`` for an ephemeral subscriber.
+    #: Durable group name, or ``None`` for an ephemeral subscriber. Any non-empty text
+    #: (agents use ``"<agent_id>.<handler>"``): a backend whose broker restricts names
+    #: (JetStream durables allow no dots) derives a valid, collision-free name from
+    #: ``(group, pattern)``, e.g. a sanitised prefix plus a short hash.
     group: str | None
     #: Where a *new* group starts; an existing group resumes where it was.
     start: StartPosition

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
@@ -32,14 +33,29 @@ class BackendRegistry:
         self._pm.add_hookspecs(AgentEventsSpec)
         self._loaded = False
         self._lock = threading.Lock()
+        #: Entry points that failed to load: name -> "module: error" (shown by the CLI).
+        self.broken: dict[str, str] = {}
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
             return
         with self._lock:
             if not self._loaded:
-                self._pm.load_setuptools_entrypoints(PROJECT_NAME)
+                self._load_entry_points()
                 self._loaded = True
+
+    def _load_entry_points(self) -> None:
+        """Load each plugin on its own: one broken plugin must not hide all the others."""
+        for ep in entry_points(group=PROJECT_NAME):
+            if self._pm.has_plugin(ep.name) or self._pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+                self._pm.register(plugin, name=ep.name)
+            except Exception as exc:
+                self.broken[ep.name] = f"{ep.value}: {exc!r}"
+                log.warning("agentevents plugin %r (%s) failed to load and is skipped: %r",
+                            ep.name, ep.value, exc)
 
     def register(self, plugin: ModuleType | object, name: str | None = None) -> None:
         """Register a plugin in-process (tests, scripts); validated like an entry point."""
@@ -73,7 +89,7 @@ class BackendRegistry:
     def lookup(self, url: str, kind: Literal["bus", "store"]) -> BackendInfo:
         """The backend for ``url``'s scheme; clear errors when none or not installed."""
         scheme = url_scheme(url)
-        if not scheme:
+        if not scheme or "://" not in url:
             raise ConfigurationError(
                 f"{redact_url(url)!r} is not a {kind} URL: it needs a scheme such as "
                 f"'memory://' or 'sqlite+aiosqlite:///events.db'"
@@ -83,7 +99,7 @@ class BackendRegistry:
             if scheme in info.schemes:
                 missing = info.missing()
                 if missing:
-                    raise MissingDependencyError(info.name, info.extra or info.name, missing[0])
+                    raise MissingDependencyError(info.name, info.extra, missing[0])
                 return info
         raise UnknownBackendError(
             scheme, kind, {s for info in candidates for s in info.schemes}

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from agentevents.core.errors import DuplicateEventError, EventValidationError
 from agentevents.core.event import Event
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["aware_utc", "check_batch", "from_micros", "json_dumps", "json_loads", "to_micros"]
 
@@ -19,7 +21,7 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def json_dumps(value: Any, what: str) -> bytes:
-    """``value`` as compact JSON; :class:`EventValidationError` names ``what`` when it is not JSON."""
+    """``value`` as compact JSON; :class:`EventValidationError` (naming ``what``) if not JSON."""
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:

@@ -22,11 +22,11 @@ woken through one future per waiter, on that waiter's own loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-from uuid import UUID
 
 from agentevents.core.errors import (
     ConfigurationError,
@@ -43,8 +43,13 @@ from agentevents.core.store import (
     Snapshot,
     check_expected_version,
 )
+from agentevents.core.urls import redact_url
 from agentevents.plugins.hookspecs import BackendInfo, hookimpl
 from agentevents.stores._common import aware_utc, check_batch, json_dumps, json_loads
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from uuid import UUID
 
 __all__ = ["MemoryEventStore", "agentevents_store_backends"]
 
@@ -59,7 +64,7 @@ class _Log:
         #: Each stream's events; ``streams[s][v - 1]`` is version ``v``.
         self.streams: dict[str, list[RecordedEvent]] = {}
         self.ids: set[UUID] = set()
-        #: Snapshots as (version, state JSON, time): copied in and out.
+        #: The latest snapshot per stream; its state is copied in and out.
         self.snapshots: dict[str, Snapshot] = {}
         self.waiters: set[asyncio.Future[None]] = set()
 
@@ -76,10 +81,9 @@ class _Log:
             if loop is running:
                 _resolve(future)
             else:
-                try:
+                # RuntimeError: that loop is closed, so nobody is waiting any more.
+                with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_resolve, future)
-                except RuntimeError:  # that loop is closed: nobody is waiting any more
-                    pass
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -113,9 +117,11 @@ class MemoryEventStore(EventStore):
     def from_url(cls, url: str) -> MemoryEventStore:
         """``memory://`` (a private store) or ``memory://name`` (a shared, named one)."""
         parts = urlsplit(url)
-        if parts.scheme.lower() != "memory" or parts.query or parts.path.strip("/"):
+        if (parts.scheme.lower() != "memory" or parts.query or parts.path.strip("/")
+                or "@" in parts.netloc):
             raise ConfigurationError(
-                f"{url!r} is not a memory store URL: use 'memory://' or 'memory://name'"
+                f"{redact_url(url)!r} is not a memory store URL: use 'memory://' or "
+                "'memory://name'"
             )
         return cls(name=parts.netloc or None)
 

@@ -1,0 +1,128 @@
+"""The SQL store's tables, in SQLAlchemy Core, portable to SQLite, PostgreSQL and MySQL/MariaDB.
+
+``{prefix}events`` (default prefix ``agentevents_``), one row per event:
+
+==================  =============  =============================================================
+column              type           meaning
+==================  =============  =============================================================
+``position``        BIGINT PK      global position, assigned by the database (autoincrement)
+``event_id``        VARCHAR(36)    the event's UUID, unique: the idempotency key
+``stream_id``       VARCHAR(255)   the stream; unique together with ``stream_version``
+``stream_version``  BIGINT         1, 2, 3, ... within the stream
+``event_type``      VARCHAR(255)   ``Event.type``
+``event_version``   INTEGER        ``Event.version`` (payload schema version)
+``event_time_us``   BIGINT         ``Event.time`` as microseconds since the epoch (UTC): exact
+                                   on every database, and cheap to index and compare
+``source``          VARCHAR(255)   ``Event.source``
+``correlation_id``  VARCHAR(255)   nullable
+``causation_id``    VARCHAR(255)   nullable
+``partition_key``   VARCHAR(255)   ``Event.key``, nullable
+``payload``         TEXT           the payload as JSON (LONGTEXT on MySQL: TEXT stops at 64 KiB)
+``metadata``        TEXT           the metadata as a JSON object
+``recorded_at_us``  BIGINT         when the store committed it, microseconds since the epoch
+==================  =============  =============================================================
+
+The unique constraint on ``(stream_id, stream_version)`` is the arbiter between concurrent
+writers of a stream; the one on ``event_id`` refuses duplicates. Indexes serve reads by
+type, by source over a time range (an agent's timeline), by correlation id and by time.
+
+``{prefix}snapshots``: ``stream_id`` (PK), ``stream_version``, ``state`` (JSON text),
+``time_us``.
+
+On MySQL/MariaDB the tables are InnoDB, ``utf8mb4`` with the binary collation, so ids and
+names compare exactly (not case-insensitively) and any Unicode text fits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+
+from agentevents.core.errors import ConfigurationError
+
+__all__ = ["DEFAULT_TABLE_PREFIX", "Tables", "tables"]
+
+#: Prefix of the table names unless the URL (``?table_prefix=``) or the constructor says.
+DEFAULT_TABLE_PREFIX = "agentevents_"
+_PREFIX = re.compile(r"^[a-z_][a-z0-9_]{0,39}$|^$")
+
+#: BIGINT everywhere, but INTEGER on SQLite, where only ``INTEGER PRIMARY KEY`` is the
+#: auto-assigned rowid.
+_POSITION = BigInteger().with_variant(Integer(), "sqlite")
+_JSON_TEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+_MYSQL_OPTIONS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """The tables of one prefix, and the metadata that creates them."""
+
+    metadata: MetaData
+    events: Table
+    snapshots: Table
+
+
+@lru_cache(maxsize=64)
+def tables(prefix: str = DEFAULT_TABLE_PREFIX) -> Tables:
+    """The tables named ``{prefix}events`` and ``{prefix}snapshots``."""
+    if not _PREFIX.match(prefix):
+        raise ConfigurationError(
+            f"table prefix {prefix!r} is not allowed: use at most 40 lower-case letters, "
+            "digits and underscores, not starting with a digit"
+        )
+    metadata = MetaData()
+    name = f"{prefix}events"
+    events = Table(
+        name,
+        metadata,
+        Column("position", _POSITION, primary_key=True, autoincrement=True),
+        Column("event_id", String(36), nullable=False),
+        Column("stream_id", String(255), nullable=False),
+        Column("stream_version", BigInteger, nullable=False),
+        Column("event_type", String(255), nullable=False),
+        Column("event_version", Integer, nullable=False),
+        Column("event_time_us", BigInteger, nullable=False),
+        Column("source", String(255), nullable=False),
+        Column("correlation_id", String(255)),
+        Column("causation_id", String(255)),
+        Column("partition_key", String(255)),
+        Column("payload", _JSON_TEXT, nullable=False),
+        Column("metadata", _JSON_TEXT, nullable=False),
+        Column("recorded_at_us", BigInteger, nullable=False),
+        UniqueConstraint("event_id", name=f"{name}_event_id_uq"),
+        UniqueConstraint("stream_id", "stream_version", name=f"{name}_stream_uq"),
+        Index(f"{name}_type_ix", "event_type", "position"),
+        Index(f"{name}_source_ix", "source", "event_time_us"),
+        Index(f"{name}_correlation_ix", "correlation_id", "position"),
+        Index(f"{name}_time_ix", "event_time_us"),
+        **_MYSQL_OPTIONS,
+    )
+    snapshots = Table(
+        f"{prefix}snapshots",
+        metadata,
+        Column("stream_id", String(255), primary_key=True),
+        Column("stream_version", BigInteger, nullable=False),
+        Column("state", _JSON_TEXT, nullable=False),
+        Column("time_us", BigInteger, nullable=False),
+        **_MYSQL_OPTIONS,
+    )
+    return Tables(metadata=metadata, events=events, snapshots=snapshots)

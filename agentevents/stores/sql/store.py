@@ -1,0 +1,536 @@
+"""``SqlEventStore``: the event store on SQLAlchemy 2 async Core.
+
+One code path serves SQLite (aiosqlite, the embedded default), PostgreSQL (asyncpg) and
+MySQL/MariaDB (asyncmy): plain SELECT / INSERT / DELETE, no dialect-specific SQL. The
+tables are described in :mod:`agentevents.stores.sql.schema`.
+
+An append is one transaction: read the stream's current version, check the expected
+version (:func:`~agentevents.core.store.check_expected_version`), insert the batch with the
+next versions, read back the positions the database assigned, commit. The unique
+constraint on ``(stream_id, stream_version)`` is the arbiter: of two writers that read the
+same version, the second insert fails, its transaction rolls back, and it gets
+``ConcurrencyError`` (an ``ANY`` append simply retries). An insert fails the same way on a
+stored event id; after the rollback the store looks the batch's ids up to tell a duplicate
+(``DuplicateEventError``) from a lost race, without parsing driver messages.
+
+No holes that fill later
+------------------------
+A reader that has seen position ``p`` must never later find a new event below ``p``. That
+holds when positions are assigned in commit order. On SQLite it does: the write
+transaction starts with ``BEGIN IMMEDIATE``, which takes the database's single write lock
+before the version is read, and keeps it until COMMIT; the position (the rowid,
+``max + 1``) is assigned under that lock, so the commit order is the position order. In
+one process the writes of a store also queue on an :class:`asyncio.Lock` first, so they
+wait there rather than in SQLite's busy handler. Readers run in WAL mode, alongside.
+
+PostgreSQL sequences and MySQL/MariaDB auto-increment counters hand out numbers when the
+row is inserted, not when it commits: transaction A takes 10, B takes 11, B commits, a
+reader sees 11, then A commits 10 behind it. On those servers appends therefore need a
+commit-order lock held from the insert to the commit (e.g. ``pg_advisory_xact_lock`` or a
+one-row lock table updated first); that is tracked separately and not done here yet.
+
+Schema
+------
+``await store.create_schema()`` creates the tables and indexes if missing (idempotent).
+SQLite stores do it themselves on first use; PostgreSQL and MySQL/MariaDB stores need the
+explicit call once (or the migrations, once they exist).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sqlite3
+from typing import TYPE_CHECKING, Any, Final
+from uuid import UUID
+
+from sqlalchemy import Row, Select, delete, event, func, insert, select
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from agentevents.core.errors import (
+    BackendConnectionError,
+    ConcurrencyError,
+    ConfigurationError,
+    DuplicateEventError,
+    StoreClosedError,
+    StoreError,
+)
+from agentevents.core.event import Event, utcnow
+from agentevents.core.store import (
+    ANY,
+    EventQuery,
+    EventStore,
+    ExpectedVersion,
+    RecordedEvent,
+    Snapshot,
+    check_expected_version,
+)
+from agentevents.core.urls import redact_url
+from agentevents.stores._common import (
+    aware_utc,
+    check_batch,
+    from_micros,
+    json_dumps,
+    json_loads,
+    to_micros,
+)
+from agentevents.stores.sql.schema import DEFAULT_TABLE_PREFIX, tables
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping, Sequence
+
+__all__ = ["SqlEventStore"]
+
+#: The asyncio driver used when a URL names only the database (``postgresql://...``).
+ASYNC_DRIVERS: Final = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "mysql": "mysql+asyncmy",
+    "mariadb": "mariadb+asyncmy",
+}
+#: How often an ``ANY`` append retries after losing a race for the stream's next version.
+ANY_RETRIES: Final = 50
+#: Seconds a SQLite connection waits for another connection's write lock (``?timeout=``).
+SQLITE_BUSY_TIMEOUT: Final = 30.0
+_WRITE: Final = "agentevents_write"
+_ID_CHUNK: Final = 500
+
+
+class _Collision(Exception):
+    """An insert hit a unique constraint; raised inside the transaction to roll it back."""
+
+
+class SqlEventStore(EventStore):
+    """An event store in a SQL database, through SQLAlchemy's asyncio Core.
+
+    ``url`` is a SQLAlchemy URL (``sqlite+aiosqlite:///events.db``,
+    ``postgresql+asyncpg://user:pw@host/db``, ``mysql+asyncmy://user:pw@host/db``); a URL
+    without a driver gets the asyncio one. ``?table_prefix=`` in the URL, or
+    ``table_prefix``, names the tables (default ``agentevents_``); the argument wins.
+    ``auto_create_schema`` creates the tables on first use; it defaults to on for SQLite
+    and off for servers, which need :meth:`create_schema` once. ``engine_options`` go to
+    :func:`~sqlalchemy.ext.asyncio.create_async_engine` (pool size, echo, ...).
+
+    No connection is made before the first call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table_prefix: str | None = None,
+        auto_create_schema: bool | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._shown = redact_url(url)
+        try:
+            sa_url = make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise ConfigurationError(f"{self._shown!r} is not a valid SQL store URL") from exc
+        query_prefix = sa_url.query.get("table_prefix")
+        if table_prefix is None:
+            table_prefix = query_prefix if isinstance(query_prefix, str) else DEFAULT_TABLE_PREFIX
+        self._tables = tables(table_prefix)
+        sa_url = _with_async_driver(sa_url.difference_update_query(["table_prefix"]))
+        self._sqlite = sa_url.get_backend_name() == "sqlite"
+        options = dict(engine_options or {})
+        if self._sqlite and "timeout" not in sa_url.query:
+            options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT,
+                                       **options.get("connect_args", {})}
+        try:
+            self._engine = create_async_engine(sa_url, **options)
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise ConfigurationError(
+                f"cannot use {self._shown!r} as an event store: {exc}"
+            ) from exc
+        if self._sqlite:
+            event.listen(self._engine.sync_engine, "connect", _sqlite_connect)
+            event.listen(self._engine.sync_engine, "begin", _sqlite_begin)
+        # One shared connection (SQLite ``:memory:``) cannot run two transactions at once:
+        # then every operation takes the lock, not only writes.
+        self._single_connection = isinstance(self._engine.sync_engine.pool, StaticPool)
+        self._lock = asyncio.Lock()
+        self._auto_schema = self._sqlite if auto_create_schema is None else auto_create_schema
+        self._schema_ready = False
+        self._schema_lock = asyncio.Lock()
+        self._appended = asyncio.Condition()
+        self._seen_head = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SqlEventStore({self._shown!r})"
+
+    @property
+    def table_prefix(self) -> str:
+        """The prefix of this store's table names."""
+        return self._tables.events.name.removesuffix("events")
+
+    # -- schema and connections ---------------------------------------------------------
+
+    async def create_schema(self) -> None:
+        """Create the tables and indexes if they do not exist (idempotent, safe to repeat)."""
+        self._check_open()
+        async with self._schema_lock:
+            async with self._open(write=True) as conn:
+                await conn.run_sync(self._tables.metadata.create_all, checkfirst=True)
+            self._schema_ready = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self!r} is closed; create a new store")
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A transaction, after creating the schema if this store does that itself."""
+        self._check_open()
+        if self._auto_schema and not self._schema_ready:
+            await self.create_schema()
+        async with self._open(write=write) as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _open(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction, committed on exit; driver errors translated."""
+        serialise = self._sqlite and (write or self._single_connection)
+        async with self._lock if serialise else contextlib.nullcontext():
+            try:
+                conn = await self._engine.connect()
+            except (SQLAlchemyError, OSError) as exc:
+                raise BackendConnectionError(
+                    f"cannot connect to the event store at {self._shown}: {_reason(exc)}"
+                ) from exc
+            try:
+                if write and self._sqlite:
+                    await conn.execution_options(**{_WRITE: True})
+                async with conn.begin():
+                    yield conn
+            except (SQLAlchemyError, OSError) as exc:
+                raise self._translate(exc) from exc
+            finally:
+                await conn.close()
+
+    def _translate(self, exc: BaseException) -> Exception:
+        reason = _reason(exc)
+        if (
+            isinstance(exc, (InterfaceError, OSError, PoolTimeoutError))
+            or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+        ):
+            return BackendConnectionError(
+                f"lost the connection to the event store at {self._shown}: {reason}"
+            )
+        hint = ""
+        if isinstance(exc, (ProgrammingError, OperationalError)) and not self._auto_schema:
+            hint = " (if its tables do not exist yet, run `await store.create_schema()` once)"
+        return StoreError(f"the event store at {self._shown} failed: {reason}{hint}")
+
+    # -- writing ------------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        expected_version: ExpectedVersion = ANY,
+    ) -> list[RecordedEvent]:
+        """Append atomically; an empty batch only checks ``expected_version``."""
+        self._check_open()
+        check_batch(events)
+        rows = [_event_row(e) for e in events]  # encode before taking any lock
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._transaction(write=True) as conn:
+                    recorded = await self._insert(conn, stream_id, events, rows, expected_version)
+                break
+            except _Collision:
+                pass
+            stored = await self._stored_ids([row["event_id"] for row in rows])
+            if stored:
+                raise DuplicateEventError(stored)
+            if expected_version is not ANY or attempt >= ANY_RETRIES:
+                raise ConcurrencyError(
+                    stream_id, expected_version, await self.stream_version(stream_id)
+                )
+            # Lost a race for the stream's next version: retry, spread out a little so the
+            # losers do not all collide again.
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))
+        if recorded:
+            async with self._appended:
+                self._seen_head = max(self._seen_head, recorded[-1].position)
+                self._appended.notify_all()
+        return recorded
+
+    async def _insert(
+        self,
+        conn: AsyncConnection,
+        stream_id: str,
+        events: Sequence[Event],
+        rows: list[dict[str, Any]],
+        expected_version: ExpectedVersion,
+    ) -> list[RecordedEvent]:
+        t = self._tables.events
+        current = await conn.scalar(
+            select(func.max(t.c.stream_version)).where(t.c.stream_id == stream_id)
+        )
+        check_expected_version(stream_id, expected_version, current)
+        if not rows:
+            return []
+        base = current or 0
+        now = utcnow()
+        try:
+            await conn.execute(
+                insert(t),
+                [
+                    {**row, "stream_id": stream_id, "stream_version": base + i,
+                     "recorded_at_us": to_micros(now)}
+                    for i, row in enumerate(rows, start=1)
+                ],
+            )
+        except IntegrityError as exc:
+            raise _Collision from exc
+        positions = (
+            await conn.scalars(
+                select(t.c.position)
+                .where(t.c.stream_id == stream_id)
+                .where(t.c.stream_version.between(base + 1, base + len(rows)))
+                .order_by(t.c.stream_version)
+            )
+        ).all()
+        return [
+            RecordedEvent(event=e, stream_id=stream_id, version=base + i, position=p,
+                          recorded_at=now)
+            for i, (e, p) in enumerate(zip(events, positions, strict=True), start=1)
+        ]
+
+    async def _stored_ids(self, ids: list[str]) -> list[str]:
+        t = self._tables.events
+        found: list[str] = []
+        async with self._transaction() as conn:
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[start : start + _ID_CHUNK]
+                found.extend(
+                    await conn.scalars(select(t.c.event_id).where(t.c.event_id.in_(chunk)))
+                )
+        return found
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Replace the stream's snapshot (delete + insert in one transaction)."""
+        self._check_open()
+        s = self._tables.snapshots
+        row = {
+            "stream_id": snapshot.stream_id,
+            "stream_version": snapshot.version,
+            "state": json_dumps(
+                snapshot.state, f"snapshot state of {snapshot.stream_id!r}"
+            ).decode(),
+            "time_us": to_micros(aware_utc(snapshot.time, "snapshot time")),
+        }
+        for _attempt in range(ANY_RETRIES):
+            try:
+                async with self._transaction(write=True) as conn:
+                    await conn.execute(delete(s).where(s.c.stream_id == snapshot.stream_id))
+                    try:
+                        await conn.execute(insert(s), [row])
+                    except IntegrityError as exc:  # a concurrent save inserted first
+                        raise _Collision from exc
+                return
+            except _Collision:
+                continue
+        raise StoreError(f"could not save the snapshot of {snapshot.stream_id!r}: "
+                         "concurrent saves kept colliding; retry")
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        t = self._tables.events
+        stmt = (
+            select(t)
+            .where(t.c.stream_id == stream_id, t.c.stream_version >= from_version)
+            .order_by(t.c.stream_version)
+        )
+        return await self._records(stmt if limit is None else stmt.limit(max(limit, 0)))
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        t = self._tables.events
+        return await self._records(
+            select(t)
+            .where(t.c.position > after_position)
+            .order_by(t.c.position)
+            .limit(max(limit, 0))
+        )
+
+    async def query(self, query: EventQuery) -> list[RecordedEvent]:
+        t = self._tables.events
+        stmt = select(t).where(t.c.position > query.after_position)
+        if query.types is not None:
+            stmt = stmt.where(t.c.event_type.in_(list(query.types)))
+        if query.source is not None:
+            stmt = stmt.where(t.c.source == query.source)
+        if query.correlation_id is not None:
+            stmt = stmt.where(t.c.correlation_id == query.correlation_id)
+        if query.stream_id is not None:
+            stmt = stmt.where(t.c.stream_id == query.stream_id)
+        if query.since is not None:
+            stmt = stmt.where(t.c.event_time_us >= to_micros(aware_utc(query.since, "since")))
+        if query.until is not None:
+            stmt = stmt.where(t.c.event_time_us < to_micros(aware_utc(query.until, "until")))
+        stmt = stmt.order_by(t.c.position)
+        if query.limit is not None:
+            stmt = stmt.limit(max(query.limit, 0))
+        return await self._records(stmt)
+
+    async def _records(self, stmt: Select[Any]) -> list[RecordedEvent]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [_recorded(row) for row in rows]
+
+    async def stream_version(self, stream_id: str) -> int | None:
+        t = self._tables.events
+        async with self._transaction() as conn:
+            version: int | None = await conn.scalar(
+                select(func.max(t.c.stream_version)).where(t.c.stream_id == stream_id)
+            )
+        return version
+
+    async def head_position(self) -> int:
+        t = self._tables.events
+        async with self._transaction() as conn:
+            head: int | None = await conn.scalar(select(func.max(t.c.position)))
+        return head or 0
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        s = self._tables.snapshots
+        async with self._transaction() as conn:
+            row = (await conn.execute(select(s).where(s.c.stream_id == stream_id))).first()
+        if row is None:
+            return None
+        return Snapshot(
+            stream_id=row.stream_id,
+            version=row.stream_version,
+            state=json_loads(row.state),
+            time=from_micros(row.time_us),
+        )
+
+    async def wait_for_append(self, after_position: int, timeout: float) -> None:
+        """Return when this store appended past ``after_position``, or after ``timeout``.
+
+        Appends by this store object wake waiters at once; appends by other processes (or
+        other store objects) are found by the caller's next read after the timeout, so
+        ``timeout`` is the polling interval for those.
+        """
+        self._check_open()
+        async with self._appended:
+            if self._seen_head > after_position:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._appended.wait()
+
+    async def close(self) -> None:
+        """Release the connection pool (idempotent); later calls raise StoreClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._appended:
+            self._appended.notify_all()
+        await self._engine.dispose()
+
+
+def _with_async_driver(url: URL) -> URL:
+    driver = ASYNC_DRIVERS.get(url.drivername)
+    return url if driver is None else url.set(drivername=driver)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take BEGIN over from the sqlite3 module (it would only begin before DML).
+    dbapi_connection.isolation_level = None
+    # Let readers work beside the writer: WAL (persistent, so the first connection that
+    # manages it switches the file; in-memory databases stay "memory"). Switching needs the
+    # file to itself; without waiting for it, since a connection that waits there while a
+    # writer waits for it to go deadlocks until the busy timeout. A later connection retries.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode")
+        if cursor.fetchone()[0] not in ("wal", "memory"):
+            cursor.execute("PRAGMA busy_timeout")
+            busy_timeout = int(cursor.fetchone()[0])
+            cursor.execute("PRAGMA busy_timeout = 0")
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:  # busy: another connection holds the file
+                pass
+            finally:
+                cursor.execute(f"PRAGMA busy_timeout = {busy_timeout}")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # IMMEDIATE takes the write lock before the version is read: writers are serialised.
+    immediate = conn.get_execution_options().get(_WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _event_row(event: Event) -> dict[str, Any]:
+    return {
+        "event_id": str(event.id),
+        "event_type": event.type,
+        "event_version": event.version,
+        "event_time_us": to_micros(event.time),
+        "source": event.source,
+        "correlation_id": event.correlation_id,
+        "causation_id": event.causation_id,
+        "partition_key": event.key,
+        "payload": json_dumps(event.payload, f"payload of event {event.id}").decode(),
+        "metadata": json_dumps(event.metadata, f"metadata of event {event.id}").decode(),
+    }
+
+
+def _recorded(row: Row[Any]) -> RecordedEvent:
+    event = Event.model_validate(
+        {
+            "id": UUID(row.event_id),
+            "type": row.event_type,
+            "version": row.event_version,
+            "time": from_micros(row.event_time_us),
+            "source": row.source,
+            "correlation_id": row.correlation_id,
+            "causation_id": row.causation_id,
+            "key": row.partition_key,
+            "payload": json_loads(row.payload),
+            "metadata": json_loads(row.metadata),
+        }
+    )
+    return RecordedEvent(
+        event=event,
+        stream_id=row.stream_id,
+        version=row.stream_version,
+        position=row.position,
+        recorded_at=from_micros(row.recorded_at_us),
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own error, first line only, secrets in it redacted like URLs."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return redact_url(f"{type(orig).__name__}: {text}" if text else type(orig).__name__)
