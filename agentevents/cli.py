@@ -1,0 +1,291 @@
+"""The ``agentevents`` command: the demo, the discovered backends, the conformance suite.
+
+::
+
+    agentevents demo [--bus URL] [--store URL]
+    agentevents backends
+    agentevents conformance --bus URL --store URL [-k EXPR] [-x] [-v]
+    agentevents version
+
+URLs are shown redacted. Errors of agentevents (bad URL, unknown scheme, missing extra) are
+printed as one message, exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from agentevents import __version__
+from agentevents.core.errors import AgentEventsError
+from agentevents.core.urls import redact_url
+from agentevents.plugins.registry import registry
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import pytest
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="agentevents",
+    help="Event-driven coordination for AI agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold URLs with passwords
+)
+
+SUITE = "agentevents.conformance_tests"
+SUITE_PLUGIN = "agentevents.conformance_tests.plugin"
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    Console(stderr=True).print(Text.assemble(("error: ", "bold red"), message))
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _clean_errors() -> Iterator[None]:
+    """Print an :class:`AgentEventsError` as one line and exit 2 (no traceback)."""
+    try:
+        yield
+    except AgentEventsError as exc:
+        _fail(str(exc))
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    bus: Annotated[
+        str | None, typer.Option(help="Bus URL. [default: a private in-memory broker]")
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(help="Store URL. [default: a SQLite file in a temporary directory]"),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 30.0,
+) -> None:
+    """Run the article's scenario: PRs reviewed, deployed, one failing and rolled back."""
+    from agentevents.demo import run_demo
+
+    with _clean_errors():
+        result = asyncio.run(run_demo(bus, store, console=Console(), timeout=timeout))
+    if not result.completed:
+        raise typer.Exit(1)
+
+
+# -- backends --------------------------------------------------------------------------------
+
+
+@app.command()
+def backends() -> None:
+    """List the bus and store backends discovered through the plugin entry points."""
+    with _clean_errors():
+        found = sorted(registry.backends(), key=lambda info: (info.kind, info.name))
+        table = Table(title="agentevents backends", title_justify="left")
+        for column in ("name", "kind", "schemes", "plugin", "installed", "to install"):
+            table.add_column(column)
+        for info in found:
+            if info.installed:
+                installed, hint = Text("yes", "green"), ""
+            else:
+                missing = info.missing()
+                installed = Text("no", "red")
+                hint = (f"pip install 'agentevents[{info.extra}]'" if info.extra
+                        else f"pip install {' '.join(missing)}")
+            table.add_row(Text(info.name), info.kind, Text(", ".join(info.schemes)),
+                          Text(registry.plugin_of(info)), installed, Text(hint))
+    console = Console()
+    console.print(table)
+    for name, error in sorted(registry.broken.items()):
+        console.print(Text.assemble(("broken plugin ", "bold red"), (name, "bold"),
+                                    f" (skipped): {error}"))
+
+
+# -- conformance -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Outcome:
+    nodeid: str
+    outcome: str = "passed"
+    reason: str = ""
+    duration: float = 0.0
+
+
+@dataclass(slots=True)
+class _Collector:
+    """A pytest plugin object collecting one outcome per test (and collection errors)."""
+
+    results: dict[str, _Outcome] = field(default_factory=dict)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        row = self.results.setdefault(report.nodeid, _Outcome(report.nodeid))
+        row.duration += report.duration
+        if report.skipped:
+            if hasattr(report, "wasxfail"):
+                row.outcome, row.reason = "xfailed", str(report.wasxfail)
+            else:
+                row.outcome, row.reason = "skipped", _skip_reason(report)
+        elif report.failed:
+            row.outcome = "failed" if report.when == "call" else "error"
+            row.reason = _failure_reason(report)
+        elif report.when == "call" and hasattr(report, "wasxfail"):
+            row.outcome = "xpassed"
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.results[report.nodeid] = _Outcome(
+                report.nodeid or SUITE, "error", _failure_reason(report)
+            )
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _failure_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = getattr(crash, "message", None)
+    if message:
+        return str(message).splitlines()[0]
+    lines = [line for line in report.longreprtext.splitlines() if line.strip()]
+    return lines[-1] if lines else "failed"
+
+
+def _pytest_args(
+    bus: str | None, store: str | None, keyword: str | None, exitfirst: bool, verbose: bool,
+    inifile: Path,
+) -> list[str]:
+    args = ["--pyargs", SUITE, "-c", str(inifile), "--rootdir", str(inifile.parent),
+            "-p", "no:cacheprovider", "--tb=short"]
+    autoload = not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD")
+    installed = {ep.value for ep in entry_points(group="pytest11")}
+    if not autoload or SUITE_PLUGIN not in installed:
+        args += ["-p", SUITE_PLUGIN]
+    if not autoload:
+        args += ["-p", "pytest_asyncio.plugin"]
+    if bus:
+        args += ["--bus-url", bus]
+    if store:
+        args += ["--store-url", store]
+    if keyword:
+        args += ["-k", keyword]
+    if exitfirst:
+        args.append("-x")
+    args.append("-v" if verbose else "-q")
+    return args
+
+
+#: The suite's own pytest configuration: the caller's project settings must not change it.
+_INI = """\
+[pytest]
+asyncio_mode = strict
+asyncio_default_fixture_loop_scope = function
+# The CLI has imported agentevents already; the suite's own modules are still rewritten.
+filterwarnings =
+    ignore:Module already imported:pytest.PytestAssertRewriteWarning
+"""
+
+_STYLES = {"passed": "green", "failed": "bold red", "error": "bold red", "skipped": "yellow",
+           "xfailed": "yellow", "xpassed": "bold red"}
+
+
+@app.command()
+def conformance(
+    bus: Annotated[str | None, typer.Option(help="Bus URL to test.")] = None,
+    store: Annotated[str | None, typer.Option(help="Store URL to test.")] = None,
+    keyword: Annotated[
+        str | None, typer.Option("-k", help="Only tests matching this pytest -k expression.")
+    ] = None,
+    exitfirst: Annotated[
+        bool, typer.Option("-x", "--exitfirst", help="Stop at the first failure.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Show pytest's verbose output.")
+    ] = False,
+) -> None:
+    """Run the shipped conformance suite against a bus and/or store URL."""
+    if not bus and not store:
+        _fail("give a --bus URL, a --store URL, or both")
+    for module in ("pytest", "pytest_asyncio"):
+        if importlib.util.find_spec(module) is None:
+            _fail(f"the conformance suite needs {module}, which is not installed; "
+                  "install it with: pip install 'agentevents[test]'")
+    with _clean_errors():
+        if bus:
+            registry.lookup(bus, "bus")
+        if store:
+            registry.lookup(store, "store")
+    import pytest
+
+    console = Console()
+    shown = [f"bus {redact_url(bus)}" if bus else "", f"store {redact_url(store)}" if store else ""]
+    console.rule(Text(f"conformance: {', '.join(s for s in shown if s)}"))
+    collector = _Collector()
+    with tempfile.TemporaryDirectory(prefix="agentevents-conformance-") as folder:
+        inifile = Path(folder) / "pytest.ini"
+        inifile.write_text(_INI)
+        args = _pytest_args(bus, store, keyword, exitfirst, verbose, inifile)
+        code = pytest.main(args, plugins=[collector])
+    rows = list(collector.results.values())
+    console.print(_results_table(rows))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.outcome] = counts.get(row.outcome, 0) + 1
+    console.print(", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+                  or "no tests ran")
+    if code == pytest.ExitCode.NO_TESTS_COLLECTED or not rows:
+        _fail("no conformance test was selected", 1)
+    if code != pytest.ExitCode.OK or any(r.outcome in ("failed", "error", "xpassed")
+                                         for r in rows):
+        raise typer.Exit(1 if code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) else 2)
+
+
+def _results_table(rows: list[_Outcome]) -> Table:
+    table = Table(title="conformance results", title_justify="left")
+    table.add_column("test", overflow="fold")
+    table.add_column("outcome")
+    table.add_column("time", justify="right")
+    table.add_column("reason", overflow="fold")
+    for row in rows:
+        name = row.nodeid.split("conformance_tests/", 1)[-1]
+        table.add_row(Text(name), Text(row.outcome, _STYLES.get(row.outcome, "")),
+                      f"{row.duration:.2f}s", Text(row.reason))
+    return table
+
+
+# -- version ---------------------------------------------------------------------------------
+
+
+@app.command()
+def version() -> None:
+    """Print the installed agentevents version."""
+    Console().print(f"agentevents {__version__}")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of the ``agentevents`` console script."""
+    return app(args=argv)
+
+
+if __name__ == "__main__":
+    main()
