@@ -10,13 +10,17 @@ message; a consumer (a durable group, or an ephemeral subscriber) has a cursor i
 pending list of delivered-but-unacknowledged entries with a deadline (``ack_timeout``), and
 a queue of handed-back entries. A receive returns expired pending entries first (their
 member vanished), then handed-back entries that are due, then new matching entries.
-Events with a key are delivered one at a time per key per group, across members: the next
-entry of a key waits until the previous one is acknowledged, so per-key order holds in a
-group of many members too (``ordered_per_key``).
+Events with a key stick to one member of a group while that member holds any of them
+unacknowledged: the key's later entries go to the same member (whose core keeps them in
+order) or wait in the key's backlog until the member has settled them all. So per-key
+order holds in a group of many members too (``ordered_per_key``), and a group with one
+member never waits. A handed-back (nacked) keyed entry goes to the front of its key's
+backlog, ahead of the key's later entries.
 
-URL options: ``?max_payload_bytes=N`` (default 1 MiB, like NATS) and ``?max_retained=N``
-(default unlimited: trim the oldest entries beyond N; groups that had not read them skip
-them, as with a capped Redis stream).
+URL options: ``?max_payload_bytes=N`` (default: no limit, events never leave the process
+and are never encoded; set it to your production broker's limit, e.g. 1048576 for NATS, to
+catch oversize events early) and ``?max_retained=N`` (default unlimited: trim the oldest
+entries beyond N; groups that had not read them skip them, as with a capped Redis stream).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from agentevents.core.errors import ConfigurationError, SubscribeError
@@ -48,7 +52,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryBroker", "MemoryTransport", "agentevents_bus_backends"]
 
-DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -56,7 +59,7 @@ class _Entry:
     seq: int
     topic: str
     key: str | None
-    body: bytes
+    body: bytes | None  # only for raw messages; events travel as objects
     event: Event | None
 
 
@@ -77,9 +80,12 @@ class _Consumer:
     cursor: int
     ephemeral: bool
     pending: dict[int, _Pending] = field(default_factory=dict)
+    #: Unkeyed entries handed back: (due time, entry, delivery count).
     handed_back: list[tuple[float, _Entry, int]] = field(default_factory=list)
-    busy_keys: set[str] = field(default_factory=set)
-    key_backlog: dict[str, deque[_Entry]] = field(default_factory=dict)
+    #: key -> [member holding it, how many of its entries that member holds].
+    key_owner: dict[str, list[Any]] = field(default_factory=dict)
+    #: key -> entries waiting for the key to be free or theirs: (due, entry, count).
+    key_backlog: dict[str, deque[tuple[float, _Entry, int]]] = field(default_factory=dict)
     members: int = 0
 
 
@@ -98,9 +104,9 @@ class MemoryBroker:
 
     def append(self, messages: Sequence[OutboundMessage]) -> None:
         for message in messages:
-            self.log.append(
-                _Entry(self.next_seq, message.topic, message.key, message.body, message.event)
-            )
+            event = message.event
+            self.log.append(_Entry(self.next_seq, message.topic, message.key,
+                                   message.body if event is None else None, event))
             self.next_seq += 1
         if self.max_retained is not None and len(self.log) > self.max_retained:
             drop = len(self.log) - self.max_retained
@@ -160,9 +166,19 @@ class MemoryReceiver(Receiver):
         consumer = self._consumer
         consumer.pending[entry.seq] = _Pending(entry, self._name, now + consumer.ack_timeout,
                                                count)
-        if entry.key is not None:
-            consumer.busy_keys.add(entry.key)
+        key = entry.key
+        if key is not None:
+            owner = consumer.key_owner.get(key)
+            if owner is None:
+                consumer.key_owner[key] = [self._name, 1]
+            else:
+                owner[0] = self._name
+                owner[1] += 1
         return InboundMessage(entry.body, entry.topic, count, entry.event, entry.seq)
+
+    def _free_for_me(self, key: str) -> bool:
+        owner = self._consumer.key_owner.get(key)
+        return owner is None or owner[0] == self._name
 
     def _collect(self, limit: int) -> list[InboundMessage]:
         consumer = self._consumer
@@ -174,7 +190,19 @@ class MemoryReceiver(Receiver):
                 if len(out) >= limit:
                     return out
                 if pending.deadline <= now:  # its member vanished: redeliver here
+                    key = pending.entry.key
+                    if key is not None:  # the vanished member's key is ours now
+                        consumer.key_owner[key][1] -= 1
                     out.append(self._deliver(pending.entry, pending.count + 1, now))
+        if consumer.key_backlog:
+            for key, backlog in list(consumer.key_backlog.items()):
+                if not self._free_for_me(key):
+                    continue
+                while backlog and len(out) < limit and backlog[0][0] <= now:
+                    _due, entry, count = backlog.popleft()
+                    out.append(self._deliver(entry, count, now))
+                if not backlog:
+                    del consumer.key_backlog[key]
         if consumer.handed_back:
             due = [item for item in consumer.handed_back if item[0] <= now]
             for item in due[: limit - len(out)]:
@@ -185,14 +213,15 @@ class MemoryReceiver(Receiver):
         log = broker.log
         base = broker.offset
         matches = consumer.pattern.matches
+        backlogs = consumer.key_backlog
         while len(out) < limit and consumer.cursor < broker.next_seq:
             entry = log[consumer.cursor - base]
             consumer.cursor += 1
             if not matches(entry.topic):
                 continue
             key = entry.key
-            if key is not None and key in consumer.busy_keys:
-                consumer.key_backlog.setdefault(key, deque()).append(entry)
+            if key is not None and (key in backlogs or not self._free_for_me(key)):
+                backlogs.setdefault(key, deque()).append((0.0, entry, 1))
                 continue
             out.append(self._deliver(entry, 1, now))
         return out
@@ -201,6 +230,7 @@ class MemoryReceiver(Receiver):
         consumer = self._consumer
         times = [p.deadline for p in consumer.pending.values()]
         times.extend(item[0] for item in consumer.handed_back)
+        times.extend(b[0][0] for k, b in consumer.key_backlog.items() if self._free_for_me(k))
         return min(times) if times else None
 
     async def receive(self, max_messages: int, timeout: float) -> Sequence[InboundMessage]:
@@ -220,38 +250,47 @@ class MemoryReceiver(Receiver):
         return []
 
     def _settle(self, message: InboundMessage) -> _Pending | None:
+        """Drop a delivery from the pending list; returns it, or None if already settled."""
         consumer = self._consumer
         pending = consumer.pending.pop(message.handle, None)
         if pending is None:
             return None  # already settled, or reassigned and settled by another member
         key = pending.entry.key
         if key is not None:
-            backlog = consumer.key_backlog.get(key)
-            if backlog:
-                consumer.handed_back.append((0.0, backlog.popleft(), 1))
-                if not backlog:
-                    del consumer.key_backlog[key]
-            else:
-                consumer.busy_keys.discard(key)
+            owner = consumer.key_owner[key]
+            owner[1] -= 1
+            if owner[1] <= 0:
+                del consumer.key_owner[key]
         return pending
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
-        woke = False
+        backlogs = self._consumer.key_backlog
+        freed = False
         for message in messages:
             pending = self._settle(message)
-            woke = woke or (pending is not None and pending.entry.key is not None)
-        if woke:
+            freed = freed or (pending is not None and pending.entry.key in backlogs)
+        if freed:
             self._broker.wake()
 
     async def nack(self, messages: Sequence[InboundMessage], delay: float = 0.0) -> None:
         consumer = self._consumer
         due = time.monotonic() + delay
+        keyed: list[_Pending] = []
         for message in messages:
-            pending = consumer.pending.pop(message.handle, None)
+            pending = self._settle(message)
             if pending is None:
                 continue
-            # The key stays busy: its next entry must wait for this one again.
-            consumer.handed_back.append((due, pending.entry, pending.count + 1))
+            if pending.entry.key is None:
+                consumer.handed_back.append((due, pending.entry, pending.count + 1))
+            else:
+                keyed.append(pending)
+        # A key's handed-back entries go back in front of its later ones, oldest first.
+        for pending in sorted(keyed, key=lambda p: p.entry.seq, reverse=True):
+            key = pending.entry.key
+            assert key is not None
+            consumer.key_backlog.setdefault(key, deque()).appendleft(
+                (due, pending.entry, pending.count + 1)
+            )
         consumer.handed_back.sort(key=lambda item: (item[0], item[1].seq))
         self._broker.wake()
 
@@ -281,7 +320,7 @@ class MemoryTransport(Transport):
         self,
         name: str = "default",
         *,
-        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD,
+        max_payload_bytes: int | None = None,
         max_retained: int | None = None,
     ) -> None:
         self.broker = get_broker(name, max_retained)
@@ -301,7 +340,8 @@ class MemoryTransport(Transport):
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         try:
-            max_payload = int(query.pop("max_payload_bytes", DEFAULT_MAX_PAYLOAD))
+            limit = query.pop("max_payload_bytes", None)
+            max_payload = int(limit) if limit is not None else None
             retained = query.pop("max_retained", None)
             max_retained = int(retained) if retained is not None else None
         except ValueError as exc:
@@ -311,7 +351,7 @@ class MemoryTransport(Transport):
                 f"memory bus URL {url!r}: unknown option(s) {', '.join(sorted(query))}; "
                 "known: max_payload_bytes, max_retained"
             )
-        return cls(parts.netloc or "default", max_payload_bytes=max_payload or None,
+        return cls(parts.netloc or "default", max_payload_bytes=max_payload,
                    max_retained=max_retained)
 
     async def send(self, messages: Sequence[OutboundMessage]) -> None:

@@ -144,6 +144,8 @@ class Subscription:
         self._lanes: dict[str, deque[tuple[InboundMessage, Event]]] = {}
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._held: dict[InboundMessage, float] = {}
+        self._now = time.monotonic()  # when the batch being dispatched was received
+        self._first = Delivery(1, options.max_attempts, group, pattern.text)
         self._acks: list[InboundMessage] = []
         self._ack_wake = asyncio.Event()
         self._stopping = False
@@ -176,6 +178,7 @@ class Subscription:
                               self.pattern.text, self.group)
                 await asyncio.sleep(1.0)
                 continue
+            self._now = time.monotonic()
             for message in messages:
                 self._in_flight += 1
                 self._dispatch(message)
@@ -212,7 +215,7 @@ class Subscription:
         task.add_done_callback(self._lane_tasks.discard)
 
     def _track(self, message: InboundMessage) -> None:
-        self._held[message] = time.monotonic()
+        self._held[message] = self._now
 
     # -- handling -----------------------------------------------------------------------
 
@@ -264,8 +267,9 @@ class Subscription:
         options = self._options
         attempt = message.delivery_count
         while True:
-            token = _current.set(Delivery(attempt, options.max_attempts, self.group,
-                                          self.pattern.text))
+            delivery = self._first if attempt == 1 else Delivery(
+                attempt, options.max_attempts, self.group, self.pattern.text)
+            token = _current.set(delivery)
             try:
                 await self._handler(event)
             except asyncio.CancelledError:
@@ -441,10 +445,10 @@ class Bus:
         return self.transport.capabilities
 
     def _encode(self, event: Event) -> OutboundMessage:
-        body = encode_event(event)
-        if self._max_bytes is not None and len(body) > self._max_bytes:
-            raise PayloadTooLargeError(str(event.id), len(body), self._max_bytes)
-        return OutboundMessage(str(event.id), event.type, event.key, body, event)
+        message = OutboundMessage.of(event)
+        if self._max_bytes is not None and len(message.body) > self._max_bytes:
+            raise PayloadTooLargeError(message.id, len(message.body), self._max_bytes)
+        return message
 
     async def publish(self, event: Event) -> None:
         """Publish one event; returns once the broker durably accepted it.

@@ -20,7 +20,7 @@ _TOKEN = re.compile(r"^[a-z0-9_]+$")
 class Pattern:
     """A validated, compiled subscription pattern."""
 
-    __slots__ = ("_exact", "_regex", "text", "tokens")
+    __slots__ = ("_exact", "_known", "_regex", "text", "tokens")
 
     def __init__(self, text: str) -> None:
         tokens = text.split(".")
@@ -36,6 +36,7 @@ class Pattern:
         self.tokens = tuple(tokens)
         self._exact = "*" not in tokens and ">" not in tokens
         self._regex = re.compile(self.to_regex())
+        self._known: dict[str, bool] = {}  # event types seen so far -> match result
 
     @property
     def is_literal(self) -> bool:
@@ -46,7 +47,13 @@ class Pattern:
         """Whether ``event_type`` is selected by this pattern."""
         if self._exact:
             return event_type == self.text
-        return self._regex.match(event_type) is not None
+        known = self._known.get(event_type)
+        if known is None:
+            known = self._regex.match(event_type) is not None
+            if len(self._known) >= 4096:  # bounded: event types are few, but be safe
+                self._known.clear()
+            self._known[event_type] = known
+        return known
 
     def to_regex(self) -> str:
         """An anchored regular expression equivalent to the pattern (e.g. for Kafka topics)."""

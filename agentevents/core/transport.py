@@ -78,20 +78,63 @@ class Capabilities:
     max_payload_bytes: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
 class OutboundMessage:
-    """One encoded event on its way to the broker."""
+    """One event on its way to the broker.
 
-    #: The event id (text), for brokers that deduplicate or key on it.
-    id: str
-    #: The event type; backends route by it (stream, subject, topic, detail-type).
-    topic: str
-    #: Ordering/partition key, or ``None``.
-    key: str | None
-    #: Structured-mode CloudEvents JSON.
-    body: bytes
-    #: The event itself; an in-process transport may deliver this object and skip decoding.
-    event: Event | None = None
+    Built by the bus from an event, its wire ``body`` (structured-mode CloudEvents JSON) is
+    encoded on first access and cached, so an in-process transport that delivers the event
+    object itself never pays for encoding. A test can also build one from raw bytes alone
+    (``event=None``) to put arbitrary, even undecodable, bytes on the wire.
+    """
+
+    __slots__ = ("_body", "_id", "event", "key", "topic")
+
+    def __init__(
+        self,
+        id: str | None,
+        topic: str,
+        key: str | None,
+        body: bytes | None = None,
+        event: Event | None = None,
+    ) -> None:
+        if body is None and event is None:
+            raise ValueError("an OutboundMessage needs a body, an event, or both")
+        if id is None and event is None:
+            raise ValueError("an OutboundMessage without an event needs an id")
+        self._id = id
+        #: The event type; backends route by it (stream, subject, topic, detail-type).
+        self.topic = topic
+        #: Ordering/partition key, or ``None``.
+        self.key = key
+        self._body = body
+        #: The event itself; an in-process transport may deliver this object as is.
+        self.event = event
+
+    @classmethod
+    def of(cls, event: Event) -> OutboundMessage:
+        """The message for ``event`` (body encoded lazily)."""
+        return cls(None, event.type, event.key, None, event)
+
+    @property
+    def id(self) -> str:
+        """The event id as text, for brokers that deduplicate or key on it."""
+        if self._id is None:
+            assert self.event is not None
+            self._id = str(self.event.id)
+        return self._id
+
+    @property
+    def body(self) -> bytes:
+        """Structured-mode CloudEvents JSON (encoded once, on first access)."""
+        if self._body is None:
+            from agentevents.core.codec import encode_event
+
+            assert self.event is not None
+            self._body = encode_event(self.event)
+        return self._body
+
+    def __repr__(self) -> str:
+        return f"OutboundMessage(id={self.id!r}, topic={self.topic!r}, key={self.key!r})"
 
 
 @dataclass(slots=True, eq=False)
