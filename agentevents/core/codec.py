@@ -41,14 +41,13 @@ _ORJSON_OPTIONS = orjson.OPT_UTC_Z
 _CORE = frozenset({"specversion", "id", "source", "type", "time", "datacontenttype", "data"})
 
 
-def to_cloudevent(event: Event) -> dict[str, Any]:
-    """The structured-mode CloudEvent (a JSON-ready dict) for ``event``."""
+def _attributes(event: Event, id: Any, time: Any) -> dict[str, Any]:
     ce: dict[str, Any] = {
         "specversion": SPECVERSION,
-        "id": str(event.id),
+        "id": id,
         "source": event.source,
         "type": event.type,
-        "time": event.time.isoformat().replace("+00:00", "Z"),
+        "time": time,
         "datacontenttype": "application/json",
         "schemaversion": event.version,
     }
@@ -62,6 +61,11 @@ def to_cloudevent(event: Event) -> dict[str, Any]:
         ce.update(event.metadata)
     ce["data"] = event.payload
     return ce
+
+
+def to_cloudevent(event: Event) -> dict[str, Any]:
+    """The structured-mode CloudEvent (a JSON-ready dict) for ``event``."""
+    return _attributes(event, str(event.id), event.time.isoformat().replace("+00:00", "Z"))
 
 
 def from_cloudevent(ce: dict[str, Any]) -> Event:
@@ -103,28 +107,11 @@ def from_cloudevent(ce: dict[str, Any]) -> Event:
 def encode_event(event: Event) -> bytes:
     """The wire bytes of ``event``: structured-mode CloudEvents JSON.
 
-    Equal to ``orjson.dumps(to_cloudevent(event))`` but lets orjson format the id and time
-    natively, which is several times faster on the hot publish path.
+    Equal to ``orjson.dumps(to_cloudevent(event))``, but orjson formats the id and the time
+    natively, which is several times faster on the publish path.
     """
-    ce: dict[str, Any] = {
-        "specversion": SPECVERSION,
-        "id": event.id,
-        "source": event.source,
-        "type": event.type,
-        "time": event.time,
-        "datacontenttype": "application/json",
-        "schemaversion": event.version,
-    }
-    if event.correlation_id is not None:
-        ce["correlationid"] = event.correlation_id
-    if event.causation_id is not None:
-        ce["causationid"] = event.causation_id
-    if event.key is not None:
-        ce["partitionkey"] = event.key
-    if event.metadata:
-        ce.update(event.metadata)
-    ce["data"] = event.payload
-    return orjson.dumps(ce, default=_json_default, option=_ORJSON_OPTIONS)
+    return orjson.dumps(_attributes(event, event.id, event.time), default=_json_default,
+                        option=_ORJSON_OPTIONS)
 
 
 def decode_event(body: bytes | bytearray | memoryview | str) -> Event:
