@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from agentevents.core.bus import current_delivery
 from agentevents.core.event import Event
@@ -23,10 +23,14 @@ __all__ = [
     "Collector",
     "ConcurrencyProbe",
     "HandledCall",
+    "HandlerFailure",
     "make_event",
+    "poll",
     "stay_quiet",
     "wait_for",
 ]
+
+T = TypeVar("T")
 
 #: Longest a test waits for something that must happen (a delivery, a redelivery).
 DELIVERY_TIMEOUT = 20.0
@@ -51,6 +55,30 @@ async def wait_for(
         if time.monotonic() >= deadline:
             described = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout:.1f} s waiting for {described}")
+        await asyncio.sleep(interval)
+
+
+async def poll(
+    fetch: Callable[[], Awaitable[T]],
+    until: Callable[[T], bool],
+    timeout: float = DELIVERY_TIMEOUT,
+    *,
+    what: str = "condition",
+    interval: float = 0.05,
+) -> T:
+    """Call ``fetch`` until its result satisfies ``until``; return that result.
+
+    Fails the test (``AssertionError``, showing the last result) after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await fetch()
+        if until(result):
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.1f} s waiting for {what}; last saw {result!r}"
+            )
         await asyncio.sleep(interval)
 
 

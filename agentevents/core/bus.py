@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from agentevents.core.codec import decode_event, encode_event
 from agentevents.core.deadletter import DeadLetter
@@ -109,6 +109,21 @@ class SubscriptionOptions:
             raise SubscribeError("max_attempts must be at least 1")
         if self.ack_timeout <= 0:
             raise SubscribeError("ack_timeout must be positive (seconds)")
+        for name in ("retry_backoff", "max_backoff", "drain_timeout"):
+            if getattr(self, name) < 0:
+                raise SubscribeError(f"{name} must not be negative (seconds)")
+
+    @classmethod
+    def merged(cls, base: SubscriptionOptions | None, options: dict[str, Any]) -> Self:
+        """``base`` (or the defaults) with ``options`` applied; unknown names are errors."""
+        fields = {name: getattr(base, name) for name in cls.__dataclass_fields__} if base else {}
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SubscribeError(
+                f"unknown delivery option(s): {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(cls.__dataclass_fields__)}"
+            )
+        return cls(**{**fields, **options})
 
     def backoff(self, attempt: int) -> float:
         """Delay after failed attempt number ``attempt``: exponential, capped."""
@@ -383,8 +398,9 @@ class Subscription:
         self._fetcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._fetcher
-        # Work not yet started stays unstarted: drop it from the queues (it is still held,
-        # so it is handed back below), let started handlers finish, then stop the workers.
+        # Queued work that no handler has started is dropped from the queues (it is still
+        # held, so it is handed back below); each key lane keeps only its head, which may
+        # be running already and is let finish. Then the idle workers are released.
         self._unkeyed.clear()
         for lane in self._lanes.values():
             while len(lane) > 1:
@@ -434,7 +450,7 @@ class Bus:
     def __init__(self, transport: Transport, *, url: str | None = None, **options: Any) -> None:
         self.transport = transport
         self._url = url
-        self._defaults = SubscriptionOptions(**options)
+        self._defaults = SubscriptionOptions.merged(None, options)
         self._subscriptions: set[Subscription] = set()
         self._closed = False
         self._max_bytes = transport.capabilities.max_payload_bytes
@@ -507,11 +523,7 @@ class Bus:
             raise SubscribeError(f"start must be 'latest' or 'earliest', not {start!r}")
         settings = self._defaults
         if options:
-            fields = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
-            unknown = set(options) - set(fields)
-            if unknown:
-                raise SubscribeError(f"unknown subscribe option(s): {', '.join(sorted(unknown))}")
-            settings = SubscriptionOptions(**{**fields, **options})
+            settings = SubscriptionOptions.merged(settings, options)
         spec = ConsumerSpec(
             pattern=compiled,
             group=group,
@@ -546,9 +558,13 @@ class Bus:
         if self._closed:
             return
         self._closed = True
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(sub.stop(timeout) for sub in list(self._subscriptions)), return_exceptions=True
         )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("a subscription did not stop cleanly while closing %r", self,
+                          exc_info=result)
         await self.transport.close()
 
     async def __aenter__(self) -> Bus:
