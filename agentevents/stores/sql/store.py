@@ -43,7 +43,6 @@ import contextlib
 import random
 import sqlite3
 from typing import TYPE_CHECKING, Any, Final
-from uuid import UUID
 
 from sqlalchemy import Row, Select, delete, event, func, insert, select
 from sqlalchemy.engine import URL, Connection, make_url
@@ -504,26 +503,33 @@ def _event_row(event: Event) -> dict[str, Any]:
 
 
 def _recorded(row: Row[Any]) -> RecordedEvent:
+    """A row of the events table (all columns, in table order) as a :class:`RecordedEvent`.
+
+    Unpacked positionally (``Row`` attribute access by name costs more than the query) and
+    validated in one pydantic call, which parses the id text natively.
+    """
+    (position, event_id, stream_id, stream_version, event_type, event_version, time_us,
+     source, correlation_id, causation_id, key, payload, metadata, recorded_at_us) = row
     event = Event.model_validate(
         {
-            "id": UUID(row.event_id),
-            "type": row.event_type,
-            "version": row.event_version,
-            "time": from_micros(row.event_time_us),
-            "source": row.source,
-            "correlation_id": row.correlation_id,
-            "causation_id": row.causation_id,
-            "key": row.partition_key,
-            "payload": json_loads(row.payload),
-            "metadata": json_loads(row.metadata),
+            "id": event_id,
+            "type": event_type,
+            "version": event_version,
+            "time": from_micros(time_us),
+            "source": source,
+            "correlation_id": correlation_id,
+            "causation_id": causation_id,
+            "key": key,
+            "payload": json_loads(payload),
+            "metadata": json_loads(metadata),
         }
     )
     return RecordedEvent(
         event=event,
-        stream_id=row.stream_id,
-        version=row.stream_version,
-        position=row.position,
-        recorded_at=from_micros(row.recorded_at_us),
+        stream_id=stream_id,
+        version=stream_version,
+        position=position,
+        recorded_at=from_micros(recorded_at_us),
     )
 
 
