@@ -348,18 +348,58 @@ async def test_undecodable_message_is_dead_lettered_and_acked() -> None:
 
 
 @pytest.mark.asyncio
-async def test_failed_dead_lettering_hands_the_message_back() -> None:
+async def test_failed_dead_lettering_is_retried_and_keeps_the_key_blocked() -> None:
+    handled: list[int] = []
+
+    async def failing(event: Event) -> None:
+        handled.append(event.payload["n"])
+        if event.payload["n"] == 1:
+            raise RuntimeError("boom")
+
+    transport = ScriptedTransport(dead_letter_error=ConnectionError("dlq down"))
+    tries = 0
+    original = transport.dead_letter
+
+    async def counting(letters: Sequence[DeadLetter]) -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 4:  # the dead-letter destination comes back
+            transport.dead_letter_error = None
+        await original(letters)
+
+    transport.dead_letter = counting  # type: ignore[method-assign]
+    async with Bus(transport) as bus:
+        await bus.subscribe("a.>", failing, max_attempts=1, retry_backoff=0.01,
+                            max_backoff=0.02)
+        receiver = transport.receivers[0]
+        poison = Event(type="a.b", key="K", payload={"n": 1})
+        first = inbound(poison)
+        second = inbound(Event(type="a.b", key="K", payload={"n": 2}))
+        receiver.inbox.put_nowait(first)
+        receiver.inbox.put_nowait(second)
+        await eventually(lambda: second in receiver.acked)
+    assert tries == 4
+    assert handled == [1, 2], "the key's next event ran before the failed one was settled"
+    assert [letter.event_id for letter in transport.letters] == [str(poison.id)]
+    assert receiver.acked.index(first) < receiver.acked.index(second)
+    assert receiver.nacked == []
+
+
+@pytest.mark.asyncio
+async def test_unstorable_dead_letter_is_handed_back_at_stop_not_acked() -> None:
     async def failing(event: Event) -> None:
         raise RuntimeError("boom")
 
     transport = ScriptedTransport(dead_letter_error=ConnectionError("dlq down"))
     async with Bus(transport) as bus:
-        await bus.subscribe("a.>", failing, max_attempts=1, max_backoff=2.5)
+        await bus.subscribe("a.>", failing, max_attempts=1, retry_backoff=0.01,
+                            max_backoff=0.02)
         receiver = transport.receivers[0]
         message = inbound(Event(type="a.b"))
         receiver.inbox.put_nowait(message)
-        await eventually(lambda: bool(receiver.nacked))
-    assert receiver.nacked[0] == (message, 2.5)
+        await asyncio.sleep(0.2)
+        assert message not in receiver.acked
+    assert receiver.nacked == [(message, 0.0)]
     assert message not in receiver.acked
 
 

@@ -53,6 +53,11 @@ def test_naive_time_is_rejected_and_aware_time_becomes_utc() -> None:
     assert event.time.utcoffset() == timedelta(0)
 
 
+def test_payload_must_be_json() -> None:
+    with pytest.raises(ValidationError, match="not JSON-serialisable"):
+        Event(type="a.b", payload={"tags": {1, 2}})
+
+
 def test_events_are_immutable() -> None:
     event = Event(type="a.b", payload={"x": 1})
     with pytest.raises(ValidationError):

@@ -164,6 +164,11 @@ def test_url_without_scheme_is_a_configuration_error() -> None:
         ("eventbridge://?region=eu-west-1&aws_secret_access_key=abc&x=1",
          "eventbridge://?region=eu-west-1&aws_secret_access_key=***&x=1"),
         ("memory://", "memory://"),
+        ("postgresql+asyncpg://user:p@ss@db/x", "postgresql+asyncpg://user:***@db/x"),
+        ("redis://:se/cret@host", "redis://:***@host"),
+        ("x://h/?pass=1&auth=2&sig=3&key=4&region=eu",
+         "x://h/?pass=***&auth=***&sig=***&key=***&region=eu"),
+        ("sqlite+aiosqlite:///data/a@b.db", "sqlite+aiosqlite:///data/a@b.db"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

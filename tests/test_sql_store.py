@@ -203,8 +203,9 @@ async def test_duplicate_is_told_apart_from_a_stale_version(db_url: str) -> None
 async def test_values_that_are_not_json_are_refused(db_url: str) -> None:
     store = SqlEventStore(db_url)
     try:
-        with pytest.raises(EventValidationError, match="payload"):
-            await store.append("s", [_event(), _event(payload={"x": {1, 2}})])
+        bad = Event.model_construct(**{**_event().__dict__, "payload": {"x": {1, 2}}})
+        with pytest.raises(EventValidationError, match="payload"):  # built around validation
+            await store.append("s", [_event(), bad])
         assert await store.stream_version("s") is None
         with pytest.raises(EventValidationError, match="naive"):
             await store.save_snapshot(Snapshot("s", 1, {}, time=datetime(2024, 1, 1)))

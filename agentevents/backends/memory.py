@@ -76,7 +76,6 @@ class _Consumer:
     """One durable group or ephemeral subscriber: cursor, pending list, handed-back queue."""
 
     pattern: Pattern
-    ack_timeout: float
     cursor: int
     ephemeral: bool
     pending: dict[int, _Pending] = field(default_factory=dict)
@@ -155,8 +154,13 @@ def get_broker(name: str = "default", max_retained: int | None = None) -> Memory
 class MemoryReceiver(Receiver):
     """One member of a consumer on a :class:`MemoryBroker`."""
 
-    def __init__(self, broker: MemoryBroker, key: tuple[str, str], name: str) -> None:
+    def __init__(
+        self, broker: MemoryBroker, key: tuple[str, str], name: str, ack_timeout: float
+    ) -> None:
         self._broker = broker
+        # Each member's own ack_timeout: the core keeps a message alive at a third of the
+        # member's value, so the broker must time out at that member's value too.
+        self._ack_timeout = ack_timeout
         self._key = key
         self._consumer = broker.consumers[key]
         self._name = name
@@ -164,7 +168,7 @@ class MemoryReceiver(Receiver):
 
     def _deliver(self, entry: _Entry, count: int, now: float) -> InboundMessage:
         consumer = self._consumer
-        consumer.pending[entry.seq] = _Pending(entry, self._name, now + consumer.ack_timeout,
+        consumer.pending[entry.seq] = _Pending(entry, self._name, now + self._ack_timeout,
                                                count)
         key = entry.key
         if key is not None:
@@ -296,7 +300,7 @@ class MemoryReceiver(Receiver):
 
     async def extend(self, messages: Sequence[InboundMessage]) -> None:
         consumer = self._consumer
-        deadline = time.monotonic() + consumer.ack_timeout
+        deadline = time.monotonic() + self._ack_timeout
         for message in messages:
             pending = consumer.pending.get(message.handle)
             if pending is not None and pending.consumer == self._name:
@@ -362,18 +366,18 @@ class MemoryTransport(Transport):
         if spec.group is None:
             self._ephemeral += 1
             key = (f"~ephemeral-{id(self)}-{self._ephemeral}", spec.pattern.text)
-            broker.consumers[key] = _Consumer(spec.pattern, spec.ack_timeout, broker.next_seq,
+            broker.consumers[key] = _Consumer(spec.pattern, broker.next_seq,
                                               ephemeral=True)
         else:
             key = (spec.group, spec.pattern.text)
             if key not in broker.consumers:
                 cursor = broker.offset if spec.start == "earliest" else broker.next_seq
-                broker.consumers[key] = _Consumer(spec.pattern, spec.ack_timeout, cursor,
+                broker.consumers[key] = _Consumer(spec.pattern, cursor,
                                                   ephemeral=False)
             elif broker.consumers[key].ephemeral:  # pragma: no cover - names cannot clash
                 raise SubscribeError(f"group name {spec.group!r} is reserved")
         broker.consumers[key].members += 1
-        return MemoryReceiver(broker, key, spec.consumer)
+        return MemoryReceiver(broker, key, spec.consumer, spec.ack_timeout)
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         self.broker.dead.extend(letters)

@@ -792,6 +792,26 @@ class TestRedelivery:
         finally:
             await receiver.close()
 
+    async def test_a_handler_running_longer_than_ack_timeout_is_not_redelivered(
+        self, bus_factory: BusFactory, unique: str
+    ) -> None:
+        """The member keeps what it works on alive (Receiver.extend): no duplicate."""
+        group, pattern = f"{unique}-g", f"{unique}.long.>"
+        members = [Collector(f"member {i}", delay=2.5) for i in range(2)]
+        for member in members:
+            await (await bus_factory()).subscribe(
+                pattern, member, group=group, ack_timeout=SHORT_ACK_TIMEOUT, retry_backoff=0.01
+            )
+        event = make_event(unique, "long.job", payload={"n": 1})
+        await (await bus_factory()).publish(event)
+        await wait_for(lambda: any(m.events for m in members), what="the long job finished")
+        await asyncio.sleep(SHORT_ACK_TIMEOUT)
+        calls = [call for m in members for call in m.calls]
+        assert len(calls) == 1, (
+            f"the event was handled {len(calls)} times: a member working longer than "
+            "ack_timeout must keep its message (extend), not let it be redelivered"
+        )
+
 
 class TestLifecycle:
     """Stopping and closing: drain what runs, hand back the rest, refuse further use."""
@@ -897,6 +917,36 @@ class TestLifecycle:
         await later.wait_for_events([waiting])
         await stay_quiet()
         assert later.ids == [str(waiting.id)], "the handled event came back, or came twice"
+
+    async def test_close_hands_back_a_keys_queued_events_in_order(
+        self, bus_factory: BusFactory, unique: str
+    ) -> None:
+        group, pattern = f"{unique}-g", f"{unique}.queue.>"
+        started = asyncio.Event()
+
+        async def slow(event: Event) -> None:
+            started.set()
+            await asyncio.sleep(0.3)
+
+        closing = await bus_factory()
+        await closing.subscribe(pattern, slow, group=group, max_in_flight=8,
+                                ack_timeout=60.0, retry_backoff=0.01)
+        key = f"{unique}-key"
+        events = [make_event(unique, "queue.item", key=key, payload={"n": n}) for n in range(5)]
+        await (await bus_factory()).publish_many(events)
+        async with asyncio.timeout(DELIVERY_TIMEOUT):
+            await started.wait()
+        await asyncio.sleep(0.1)  # let the member take the rest of the key's events
+        await closing.close(timeout=5.0)
+
+        later = Collector("later member")
+        await (await bus_factory()).subscribe(pattern, later, group=group, ack_timeout=60.0,
+                                              retry_backoff=0.01)
+        await later.wait_for_events(events[1:])
+        await stay_quiet()
+        assert [e.payload["n"] for e in later.events] == [1, 2, 3, 4], (
+            "events of one key handed back at close must come back in publish order"
+        )
 
     async def test_close_cancels_handlers_past_the_timeout_and_hands_back_their_events(
         self, bus_factory: BusFactory, unique: str

@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from agentevents.conformance_tests.plugin import StoreFactory
 from agentevents.core.errors import (
@@ -276,6 +277,35 @@ class TestExpectedVersion:
             assert [r.event.id for r in recorded] == [e.id for e in batch]
             versions = [r.version for r in recorded]
             assert versions == list(range(versions[0], versions[0] + 3)), "a batch was split"
+
+    async def test_separate_store_objects_arbitrate_through_the_database(
+        self, store_factory: StoreFactory, unique: str
+    ) -> None:
+        """Writers in different store objects (processes, pools) cannot both win either."""
+        stores = [await store_factory() for _ in range(4)]
+        probe = f"{unique}-probe"
+        await stores[0].append(probe, [_event(unique)])
+        if await stores[1].stream_version(probe) is None:
+            pytest.skip("each store object opens a private database (e.g. SQLite :memory:, "
+                        "unnamed memory://): there is no shared state to arbitrate")
+        stream = f"{unique}-s"
+        async with asyncio.timeout(TIMEOUT):
+            results = await asyncio.gather(
+                *(s.append(stream, [_event(unique, payload={"writer": w})],
+                           expected_version=NO_STREAM)
+                  for w, s in enumerate(stores * 3)),
+                return_exceptions=True,
+            )
+        winners = [r for r in results if isinstance(r, list)]
+        assert len(winners) == 1, _outcomes(results)
+        assert all(isinstance(r, ConcurrencyError) for r in results if r not in winners), (
+            _outcomes(results))
+        any_stream = f"{unique}-any"
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*(s.append(any_stream, [_event(unique, payload={"w": w})])
+                                   for w, s in enumerate(stores * 5)))
+        stored = await stores[0].read_stream(any_stream)
+        assert [r.version for r in stored] == list(range(1, 21)), "an ANY append was lost"
 
 
 class TestDuplicates:
@@ -584,7 +614,8 @@ class TestPayloads:
     async def test_payload_that_is_not_json_is_refused(self, store: EventStore,
                                                        unique: str) -> None:
         stream = f"{unique}-s"
-        with pytest.raises(EventValidationError):
+        # Event refuses it already (pydantic's ValidationError); a store must not either way.
+        with pytest.raises((EventValidationError, ValidationError)):
             await store.append(stream, [_event(unique), _event(unique, payload={"x": {1, 2}})])
         assert await store.stream_version(stream) is None
 

@@ -37,7 +37,6 @@ from agentevents.core.deadletter import DeadLetter
 from agentevents.core.errors import (
     AgentEventsError,
     BusClosedError,
-    EventValidationError,
     PayloadTooLargeError,
     PublishError,
     RejectEvent,
@@ -165,14 +164,21 @@ class Subscription:
         self._ack_wake = asyncio.Event()
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._stop_task: asyncio.Future[None] | None = None
         self._fetcher = asyncio.create_task(self._fetch_loop(), name="agentevents-fetch")
+        self._fetcher.add_done_callback(self._fetcher_done)
         self._acker = asyncio.create_task(self._ack_loop(), name="agentevents-ack")
         self._keeper = asyncio.create_task(self._keep_alive_loop(), name="agentevents-keepalive")
 
     @property
     def active(self) -> bool:
-        """True until :meth:`stop` begins."""
-        return not self._stopping
+        """True until :meth:`stop` begins (or the receive loop died, which is logged)."""
+        return not self._stopping and not self._fetcher.done()
+
+    def _fetcher_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the receive loop of %r died; the subscription receives nothing more",
+                      self, exc_info=task.exception())
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -196,7 +202,13 @@ class Subscription:
             self._now = time.monotonic()
             for message in messages:
                 self._in_flight += 1
-                self._dispatch(message)
+                try:
+                    self._dispatch(message)
+                except Exception as exc:  # never let one message stop the consumer
+                    log.exception("could not dispatch a message on %r; dead-lettering it",
+                                  message.topic)
+                    self._track(message)
+                    self._spawn(self._dead_letter(message, None, exc, message.delivery_count))
             if self._unkeyed:
                 self._wake_worker()
 
@@ -205,7 +217,7 @@ class Subscription:
         if event is None:
             try:
                 event = decode_event(message.body or b"")
-            except EventValidationError as exc:
+            except Exception as exc:  # EventValidationError, or anything a broken body causes
                 self._track(message)
                 self._spawn(self._dead_letter(message, None, exc, message.delivery_count))
                 return
@@ -281,6 +293,13 @@ class Subscription:
     async def _handle(self, message: InboundMessage, event: Event) -> None:
         options = self._options
         attempt = message.delivery_count
+        if attempt > options.max_attempts:
+            # Delivered more often than allowed without ever being settled: the members that
+            # took it died with it (a poison message that crashes the process). Stop here.
+            await self._dead_letter(message, event, RuntimeError(
+                f"delivered {attempt} times without being acknowledged (max_attempts "
+                f"{options.max_attempts}); the members handling it may have crashed"), attempt)
+            return
         while True:
             delivery = self._first if attempt == 1 else Delivery(
                 attempt, options.max_attempts, self.group, self.pattern.text)
@@ -293,7 +312,8 @@ class Subscription:
                 if attempt >= options.max_attempts or isinstance(exc, RejectEvent):
                     await self._dead_letter(message, event, exc, attempt)
                     return
-                log.debug("handler failed on %s (attempt %d): %r", event.id, attempt, exc)
+                log.info("handler failed on %s %s (attempt %d of %d), retrying: %r",
+                         event.type, event.id, attempt, options.max_attempts, exc)
                 await asyncio.sleep(options.backoff(attempt))
                 attempt += 1
                 continue
@@ -319,16 +339,20 @@ class Subscription:
             body=text,
             body_base64=is_b64,
         )
-        try:
-            await self._bus.transport.dead_letter([letter])
-        except Exception:
-            log.exception("could not dead-letter message on %r; handing it back to the broker",
-                          message.topic)
-            self._held.pop(message, None)
-            with contextlib.suppress(Exception):
-                await self._receiver.nack([message], self._options.max_backoff)
-            self._release()
-            return
+        delay = self._options.retry_backoff or 0.1
+        while True:  # the message stays held (and its key's lane blocked) until stored
+            try:
+                await self._bus.transport.dead_letter([letter])
+                break
+            except Exception:
+                if self._stopping:
+                    log.exception("could not dead-letter a message on %r while stopping; it "
+                                  "is handed back to the broker", message.topic)
+                    return  # still held: stop() hands it back
+                log.exception("could not dead-letter a message on %r; retrying in %.1f s",
+                              message.topic, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._options.max_backoff or delay)
         log.warning("dead-lettered %s on %r (group %r) after %d attempt(s): %s",
                     letter.event_id or "undecodable message", message.topic, self.group,
                     attempts, letter.error)
@@ -389,49 +413,60 @@ class Subscription:
 
         Handlers still running after ``timeout`` seconds (default: the subscription's
         ``drain_timeout``) are cancelled and their messages handed back for redelivery.
+        Safe to call more than once, concurrently, from a handler of this subscription, or
+        from a task that gets cancelled: the stopping itself always runs to its end.
         """
-        if self._stopping:
-            await self._stopped.wait()
-            return
+        if self._stop_task is None:
+            limit = self._options.drain_timeout if timeout is None else timeout
+            self._stop_task = asyncio.ensure_future(self._stop(limit))
+        if asyncio.current_task() in self._handler_tasks():
+            return  # called from our own handler: it finishes, then the stop completes
+        await asyncio.shield(self._stop_task)
+
+    def _handler_tasks(self) -> set[asyncio.Task[None]]:
+        return self._workers | self._lane_tasks
+
+    async def _stop(self, timeout: float) -> None:
         self._stopping = True
-        timeout = self._options.drain_timeout if timeout is None else timeout
-        self._fetcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._fetcher
-        # Queued work that no handler has started is dropped from the queues (it is still
-        # held, so it is handed back below); each key lane keeps only its head, which may
-        # be running already and is let finish. Then the idle workers are released.
-        self._unkeyed.clear()
-        for lane in self._lanes.values():
-            while len(lane) > 1:
-                lane.pop()
-        while self._idle:
-            waiter = self._idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-        busy = [*self._workers, *self._lane_tasks]
-        if busy:
-            _done, pending = await asyncio.wait(busy, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        unstarted = list(self._held)
-        self._held.clear()
-        self._keeper.cancel()
-        self._acker.cancel()
-        for task in (self._keeper, self._acker):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         try:
-            await self._flush_acks()
-            if unstarted:
-                await self._receiver.nack(unstarted, 0.0)
-        except Exception:
-            log.exception("could not settle messages while stopping; they will be redelivered")
-        finally:
+            self._fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fetcher
+            # Queued work that no handler has started is dropped from the queues (it is
+            # still held, so it is handed back below); each key lane keeps only its head,
+            # which may be running already and is let finish. Idle workers are released.
+            self._unkeyed.clear()
+            for lane in self._lanes.values():
+                while len(lane) > 1:
+                    lane.pop()
+            while self._idle:
+                waiter = self._idle.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+            busy = list(self._handler_tasks())
+            if busy:
+                _done, pending = await asyncio.wait(busy, timeout=timeout)
+                for task in pending:
+                    task.cancel()
+                if pending:  # bounded: a handler that swallows cancellation is abandoned
+                    await asyncio.wait(pending, timeout=1.0)
+            unstarted = list(self._held)
+            self._held.clear()
+            self._keeper.cancel()
+            self._acker.cancel()
+            for task in (self._keeper, self._acker):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            try:
+                await self._flush_acks()
+                if unstarted:
+                    await self._receiver.nack(unstarted, 0.0)
+            except Exception:
+                log.exception("could not settle messages while stopping; they will be "
+                              "redelivered after ack_timeout")
             with contextlib.suppress(Exception):
                 await self._receiver.close()
+        finally:
             self._bus._forget(self)
             self._stopped.set()
 
@@ -452,7 +487,9 @@ class Bus:
         self._url = url
         self._defaults = SubscriptionOptions.merged(None, options)
         self._subscriptions: set[Subscription] = set()
+        self._closing = False  # no new subscriptions; publishing still works while draining
         self._closed = False
+        self._close_task: asyncio.Future[None] | None = None
         self._max_bytes = transport.capabilities.max_payload_bytes
 
     @property
@@ -514,7 +551,7 @@ class Bus:
         ``max_attempts``, ``ack_timeout``, ``retry_backoff``, ``max_backoff``,
         ``drain_timeout``). Returns once the consumer exists on the broker.
         """
-        if self._closed:
+        if self._closing:
             raise BusClosedError("this bus is closed; create a new one to subscribe")
         compiled = compile_pattern(pattern)
         if group is not None and not group:
@@ -541,6 +578,10 @@ class Bus:
             raise SubscribeError(
                 f"could not subscribe to {pattern!r} on {self!r}: {exc!r}"
             ) from exc
+        if self._closing:  # closed while the consumer was being created
+            with contextlib.suppress(Exception):
+                await receiver.close()
+            raise BusClosedError("this bus was closed while subscribing")
         subscription = Subscription(self, receiver, compiled, handler, group, settings)
         self._subscriptions.add(subscription)
         return subscription
@@ -552,20 +593,31 @@ class Bus:
     def _forget(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
 
-    async def close(self, timeout: float = 10.0) -> None:
-        """Stop every subscription (draining in-flight handlers up to ``timeout``) and
-        release the backend's connections. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        results = await asyncio.gather(
-            *(sub.stop(timeout) for sub in list(self._subscriptions)), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                log.error("a subscription did not stop cleanly while closing %r", self,
-                          exc_info=result)
-        await self.transport.close()
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop every subscription, draining in-flight handlers (up to ``timeout``, default
+        each subscription's ``drain_timeout``), then release the backend's connections.
+
+        Handlers may still publish while they drain. Idempotent; a concurrent second call
+        waits for the first to finish.
+        """
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.ensure_future(self._close(timeout))
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, timeout: float | None) -> None:
+        try:
+            results = await asyncio.gather(
+                *(sub.stop(timeout) for sub in list(self._subscriptions)),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    log.error("a subscription did not stop cleanly while closing %r", self,
+                              exc_info=result)
+        finally:
+            self._closed = True
+            await self.transport.close()
 
     async def __aenter__(self) -> Bus:
         return self

@@ -18,7 +18,9 @@ Event field                   CloudEvents attribute
 ============================  =======================================================
 
 Absent optional fields are omitted, not written as null. Unknown extensions found when
-decoding become metadata, so events from other CloudEvents producers are accepted.
+decoding become metadata, so events from other CloudEvents producers are accepted, provided
+their ``id`` is a UUID (agentevents' idempotency key) and their ``data`` a JSON object;
+``id``, ``source`` and ``type`` are required, as the CloudEvents spec says.
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ def from_cloudevent(ce: dict[str, Any]) -> Event:
         if name in _CORE or name in RESERVED_METADATA_KEYS:
             continue
         metadata[name] = value if isinstance(value, str) else str(value)
+    missing = [name for name in ("id", "source", "type") if not ce.get(name)]
+    if missing:
+        raise EventValidationError(
+            f"invalid CloudEvent: required attribute(s) {', '.join(missing)} missing"
+        )
     fields: dict[str, Any] = {
         "id": ce.get("id"),
         "type": ce.get("type"),
@@ -102,6 +109,8 @@ def from_cloudevent(ce: dict[str, Any]) -> Event:
         return Event.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         raise EventValidationError(f"invalid CloudEvent: {_short(exc)}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:  # raised past pydantic's wrapping
+        raise EventValidationError(f"invalid CloudEvent: {exc!r}") from exc
 
 
 def encode_event(event: Event) -> bytes:

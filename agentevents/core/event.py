@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any, Self
 from uuid import UUID
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from uuid_utils.compat import uuid7
 
@@ -76,7 +77,21 @@ class Event(BaseModel):
             raise ValueError(
                 "naive datetime: pass a timezone-aware time, e.g. datetime.now(timezone.utc)"
             )
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError as exc:
+            raise ValueError(f"time {value.isoformat()} is out of range in UTC") from exc
+
+    @field_validator("payload")
+    @classmethod
+    def _json_payload(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Checked here, not at publish: the memory bus never encodes, and an event that only
+        # fails on a real broker (or in the store) is a trap.
+        try:
+            orjson.dumps(value)
+        except TypeError as exc:
+            raise ValueError(f"payload is not JSON-serialisable: {exc}") from exc
+        return value
 
     @field_validator("metadata")
     @classmethod

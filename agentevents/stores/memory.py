@@ -185,13 +185,15 @@ class MemoryEventStore(EventStore):
         start = max(from_version, 1) - 1
         with self._log.mutex:
             stream = self._log.streams.get(stream_id, [])
-            return stream[start : None if limit is None else start + max(limit, 0)]
+            found = stream[start : None if limit is None else start + max(limit, 0)]
+        return _detached(found)
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         self._check_open()
         start = max(after_position, 0)
         with self._log.mutex:
-            return self._log.events[start : start + max(limit, 0)]
+            found = self._log.events[start : start + max(limit, 0)]
+        return _detached(found)
 
     async def query(self, query: EventQuery) -> list[RecordedEvent]:
         self._check_open()
@@ -222,7 +224,7 @@ class MemoryEventStore(EventStore):
                 if query.limit is not None and len(found) >= query.limit:
                     break
                 found.append(recorded)
-            return found
+        return _detached(found)
 
     async def stream_version(self, stream_id: str) -> int | None:
         self._check_open()
@@ -285,4 +287,15 @@ def agentevents_store_backends() -> list[BackendInfo]:
             factory=_create,
             description="in-process event store (reference implementation, not durable)",
         )
+    ]
+
+
+def _detached(records: list[RecordedEvent]) -> list[RecordedEvent]:
+    """Copies whose payload and metadata dicts a reader may change without changing history."""
+    return [
+        replace(r, event=r.event.model_copy(update={
+            "payload": json_loads(json_dumps(r.event.payload, "payload")),
+            "metadata": dict(r.event.metadata),
+        }))
+        for r in records
     ]

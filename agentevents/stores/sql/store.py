@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import random
 import sqlite3
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from sqlalchemy import Row, Select, delete, event, func, insert, select
 from sqlalchemy.engine import URL, Connection, make_url
@@ -509,7 +509,8 @@ def _recorded(row: Row[Any]) -> RecordedEvent:
     validated in one pydantic call, which parses the id text natively.
     """
     (position, event_id, stream_id, stream_version, event_type, event_version, time_us,
-     source, correlation_id, causation_id, key, payload, metadata, recorded_at_us) = row
+     source, correlation_id, causation_id, key, payload, metadata, recorded_at_us) = cast(
+        "tuple[Any, ...]", row)
     event = Event.model_validate(
         {
             "id": event_id,
