@@ -25,9 +25,18 @@ wait there rather than in SQLite's busy handler. Readers run in WAL mode, alongs
 
 PostgreSQL sequences and MySQL/MariaDB auto-increment counters hand out numbers when the
 row is inserted, not when it commits: transaction A takes 10, B takes 11, B commits, a
-reader sees 11, then A commits 10 behind it. On those servers appends therefore need a
-commit-order lock held from the insert to the commit (e.g. ``pg_advisory_xact_lock`` or a
-one-row lock table updated first); that is tracked separately and not done here yet.
+reader sees 11, then A commits 10 behind it. On those servers every write transaction
+therefore first takes a commit-order lock, held until it has committed, so positions are
+again assigned in commit order:
+
+* PostgreSQL: ``pg_advisory_xact_lock(k)``, ``k`` derived from the table prefix; released
+  by the server at COMMIT or ROLLBACK.
+* MySQL/MariaDB: ``GET_LOCK('agentevents:<prefix>', timeout)``, released with
+  ``RELEASE_LOCK`` right after the commit (the connection is discarded if that fails, which
+  ends the session and so the lock).
+
+The cost is that appends to one set of tables are serialised, across processes, like on
+SQLite; readers are not affected. Stores with different table prefixes do not contend.
 
 Schema
 ------
@@ -40,11 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import sqlite3
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from sqlalchemy import Row, Select, delete, event, func, insert, select
+from sqlalchemy import Row, Select, delete, event, func, insert, select, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -106,6 +116,8 @@ ASYNC_DRIVERS: Final = {
 ANY_RETRIES: Final = 50
 #: Seconds a SQLite connection waits for another connection's write lock (``?timeout=``).
 SQLITE_BUSY_TIMEOUT: Final = 30.0
+#: Seconds a MySQL/MariaDB writer waits for the commit-order lock before giving up.
+COMMIT_LOCK_TIMEOUT: Final = 30
 _WRITE: Final = "agentevents_write"
 _ID_CHUNK: Final = 500
 
@@ -146,7 +158,13 @@ class SqlEventStore(EventStore):
             table_prefix = query_prefix if isinstance(query_prefix, str) else DEFAULT_TABLE_PREFIX
         self._tables = tables(table_prefix)
         sa_url = _with_async_driver(sa_url.difference_update_query(["table_prefix"]))
-        self._sqlite = sa_url.get_backend_name() == "sqlite"
+        self._backend = sa_url.get_backend_name()
+        self._sqlite = self._backend == "sqlite"
+        self._lock_name = f"agentevents:{table_prefix}"[:64]
+        # A stable signed 64-bit key per table prefix for pg_advisory_xact_lock.
+        self._lock_key = int.from_bytes(
+            hashlib.blake2b(self._lock_name.encode(), digest_size=8).digest(), "big", signed=True
+        )
         options = dict(engine_options or {})
         if self._sqlite and "timeout" not in sa_url.query:
             options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT,
@@ -189,6 +207,14 @@ class SqlEventStore(EventStore):
                 await conn.run_sync(self._tables.metadata.create_all, checkfirst=True)
             self._schema_ready = True
 
+    async def drop_schema(self) -> None:
+        """Drop this store's tables (those of its table prefix) and everything in them."""
+        self._check_open()
+        async with self._schema_lock:
+            async with self._open(write=False) as conn:
+                await conn.run_sync(self._tables.metadata.drop_all, checkfirst=True)
+            self._schema_ready = False
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError(f"{self!r} is closed; create a new store")
@@ -213,15 +239,41 @@ class SqlEventStore(EventStore):
                 raise BackendConnectionError(
                     f"cannot connect to the event store at {self._shown}: {_reason(exc)}"
                 ) from exc
+            ordered = write and self._backend in ("postgresql", "mysql", "mariadb")
             try:
                 if write and self._sqlite:
                     await conn.execution_options(**{_WRITE: True})
                 async with conn.begin():
+                    if ordered:
+                        await self._take_commit_order_lock(conn)
                     yield conn
             except (SQLAlchemyError, OSError) as exc:
                 raise self._translate(exc) from exc
             finally:
+                if ordered and self._backend != "postgresql":
+                    await self._release_commit_order_lock(conn)
                 await conn.close()
+
+    async def _take_commit_order_lock(self, conn: AsyncConnection) -> None:
+        if self._backend == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": self._lock_key})
+            return
+        got = await conn.scalar(text("SELECT GET_LOCK(:name, :timeout)"),
+                                {"name": self._lock_name, "timeout": COMMIT_LOCK_TIMEOUT})
+        if got != 1:
+            raise StoreError(
+                f"timed out after {COMMIT_LOCK_TIMEOUT} s waiting for the commit-order lock "
+                f"{self._lock_name!r} at {self._shown}; another writer holds it too long"
+            )
+
+    async def _release_commit_order_lock(self, conn: AsyncConnection) -> None:
+        try:
+            await conn.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": self._lock_name})
+            await conn.commit()
+        except Exception:  # the session must not keep the lock: end it
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
 
     def _translate(self, exc: BaseException) -> Exception:
         reason = _reason(exc)
