@@ -101,7 +101,7 @@ async def test_a_cancelled_stop_still_completes() -> None:
     await asyncio.wait_for(bus.close(), 2.0)
 
 
-async def test_a_message_delivered_more_than_max_attempts_is_dead_lettered_unhandled() -> None:
+async def test_a_message_delivered_far_beyond_max_attempts_is_dead_lettered_unhandled() -> None:
     calls = 0
 
     async def handler(event: Event) -> None:
@@ -112,13 +112,31 @@ async def test_a_message_delivered_more_than_max_attempts_is_dead_lettered_unhan
     async with Bus(transport) as bus:
         await bus.subscribe("a.>", handler, max_attempts=3)
         receiver = transport.receivers[0]
-        message = inbound(Event(type="a.b"), delivery_count=4)
+        message = inbound(Event(type="a.b"), delivery_count=7)
         receiver.inbox.put_nowait(message)
         await eventually(lambda: message in receiver.acked)
     assert calls == 0
     (letter,) = transport.letters
-    assert letter.attempts == 4
+    assert letter.attempts == 7
     assert "crashed" in letter.error
+
+
+async def test_hand_backs_within_the_margin_still_run_the_handler() -> None:
+    calls = 0
+
+    async def handler(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+
+    transport = ScriptedTransport()
+    async with Bus(transport) as bus:
+        await bus.subscribe("a.>", handler, max_attempts=1)
+        receiver = transport.receivers[0]
+        message = inbound(Event(type="a.b"), delivery_count=2)  # handed back once at a stop
+        receiver.inbox.put_nowait(message)
+        await eventually(lambda: message in receiver.acked)
+    assert calls == 1
+    assert transport.letters == []
 
 
 class SlowOpenTransport(ScriptedTransport):

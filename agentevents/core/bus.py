@@ -293,9 +293,10 @@ class Subscription:
     async def _handle(self, message: InboundMessage, event: Event) -> None:
         options = self._options
         attempt = message.delivery_count
-        if attempt > options.max_attempts:
-            # Delivered more often than allowed without ever being settled: the members that
-            # took it died with it (a poison message that crashes the process). Stop here.
+        if attempt > 2 * options.max_attempts:
+            # Delivered far more often than allowed without ever being settled: the members
+            # that took it died with it (a poison message that crashes its process). Stop
+            # here. The margin is for hand-backs at graceful stops, which brokers count too.
             await self._dead_letter(message, event, RuntimeError(
                 f"delivered {attempt} times without being acknowledged (max_attempts "
                 f"{options.max_attempts}); the members handling it may have crashed"), attempt)
@@ -490,7 +491,6 @@ class Bus:
         self._closing = False  # no new subscriptions; publishing still works while draining
         self._closed = False
         self._close_task: asyncio.Future[None] | None = None
-        self._max_bytes = transport.capabilities.max_payload_bytes
 
     @property
     def capabilities(self) -> Capabilities:
@@ -499,8 +499,10 @@ class Bus:
 
     def _encode(self, event: Event) -> OutboundMessage:
         message = OutboundMessage.of(event)
-        if self._max_bytes is not None and len(message.body) > self._max_bytes:
-            raise PayloadTooLargeError(message.id, len(message.body), self._max_bytes)
+        # Read per publish: a transport may learn its server's limit only once connected.
+        limit = self.transport.capabilities.max_payload_bytes
+        if limit is not None and len(message.body) > limit:
+            raise PayloadTooLargeError(message.id, len(message.body), limit)
         return message
 
     async def publish(self, event: Event) -> None:

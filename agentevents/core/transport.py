@@ -184,7 +184,9 @@ class Receiver(ABC):
 
         Returns redeliveries due (unacknowledged past ``ack_timeout`` elsewhere, or handed
         back) as well as new messages. An empty sequence means nothing arrived in time. Must
-        be safe to cancel: a message lost to cancellation is redelivered after the timeout.
+        be safe to cancel and must stop promptly when cancelled (the core cancels it to stop
+        a subscription, then hands back what it holds): a message lost to cancellation is
+        redelivered after the timeout.
         """
 
     @abstractmethod
