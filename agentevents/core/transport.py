@@ -64,7 +64,9 @@ class Capabilities:
     and has no flag here.
     """
 
-    #: Events with the same key reach a group in publish order.
+    #: Events with the same key are handled in publish order *across the members* of a
+    #: group (Kafka partitions, the memory broker's sticky keys). Within one member the core
+    #: keeps per-key order on every backend.
     ordered_per_key: bool = True
     #: Groups survive the process: a group that was away receives what it missed.
     durable_groups: bool = True

@@ -1,0 +1,870 @@
+"""The NATS JetStream transport: ``nats://`` and ``tls://`` URLs.
+
+URL::
+
+    nats://[user:password@ | token@]host[:port][,host2[:port]...][?option=value&...]
+    tls://...            (the same, over TLS; ``tls_ca``/``tls_cert``/``tls_key`` options)
+
+Options (defaults in brackets):
+
+* ``stream`` [``AGENTEVENTS``]: the JetStream stream holding every event. It is created
+  idempotently on first use (an existing stream is used as it is, never modified).
+* ``prefix`` [``agentevents``]: subject prefix; event type ``a.b.c`` is published on subject
+  ``<prefix>.a.b.c`` and the stream captures ``<prefix>.>``.
+* ``max_age`` [``7d``]: retention of the stream (``0`` keeps events until the limits below);
+  seconds, or a number with ``s``/``m``/``h``/``d``. Retention policy: limits, discard old.
+* ``replicas`` [``1``]: stream replicas (use 3 on a cluster).
+* ``duplicate_window`` [``2m``]: window in which a repeated event id (``Nats-Msg-Id``) is
+  stored once (``broker_dedupe``).
+* ``max_payload`` [``1048576``]: the server's ``max_payload``. The transport declares
+  ``max_payload_bytes = max_payload - 128`` (room for the ``Nats-Msg-Id`` header, which
+  counts against the server's limit). It must be known before the connection exists (the
+  bus reads it when it is built); after connecting, a smaller limit in the server's INFO
+  is logged and enforced by ``send`` (``PayloadTooLargeError``).
+* ``publish_timeout`` [``5``] seconds to wait for a PubAck; ``connect_timeout`` [``5``].
+* ``token``: an auth token (alternative to ``token@host``); ``creds``: a NATS credentials
+  file (JWT + nkey seed); ``tls_ca``, ``tls_cert``,
+  ``tls_key``: PEM files for TLS (``tls://`` alone uses the system trust store).
+* ``name``: the client connection name shown by the server [``agentevents``].
+
+Mapping (see ``docs/architecture.md``):
+
+* publish: a request on ``<prefix>.<type>`` with header ``Nats-Msg-Id: <event id>``,
+  awaiting the PubAck; ``publish_many`` keeps up to 1,000 publishes in flight.
+* group ``G`` on pattern ``P``: one durable pull consumer named from ``(G, P)`` (durable
+  names allow no dots: a sanitised prefix plus a short hash), ``filter_subject``
+  ``<prefix>.<P>`` (``*`` and ``>`` are NATS wildcards already), ``ack_wait`` = the
+  subscription's ``ack_timeout``, ``max_deliver`` unlimited (the core dead-letters after
+  ``max_attempts``), deliver policy ``all`` or ``new`` from ``start`` for a *new* group; an
+  existing consumer is joined as it is (its ``ack_wait`` stays the one of the member that
+  created it; a new pattern makes a new consumer, the old one stays until deleted).
+  Members share the consumer (load balancing).
+* ephemeral subscriber: an unnamed pull consumer with deliver policy ``new``, deleted on
+  close (and by the server after 5 minutes without pulls, should the process die).
+* receive: pull requests (``$JS.API.CONSUMER.MSG.NEXT``, ``batch`` = what the core has
+  room for, ``expires`` <= 0.3 s) answered on the receiver's own inbox subscription (no
+  per-message task as in nats-py's ``fetch``); ack ``+ACK`` (not awaited; the receiver's
+  close flushes), nack ``-NAK`` with a delay, extend ``+WPI`` (also for messages pulled
+  but not yet taken by the core). ``delivery_count`` comes from the ack subject. Before
+  messages are handed back at stop, the member's open pull requests are let expire (a
+  nats-server 2.9 defect otherwise loses the hand-back until ``ack_wait``; see
+  :meth:`NatsReceiver._end_requests`). The pull loop survives reconnects (nats-py
+  resubscribes; pull requests lost with the server are forgotten and sent again).
+* dead letters: stream ``<stream>_DLQ`` on subjects ``<prefix>_dlq.<group token>`` (outside
+  ``<prefix>.>``, so no subscription ever sees them); each message is the
+  :class:`~agentevents.core.deadletter.DeadLetter` JSON with header ``Agentevents-Group``.
+  The dead-letter stream has no ``max_age``: letters stay until an operator removes them
+  (``nats stream purge <stream>_DLQ --subject <prefix>_dlq.<token>``).
+* streams are only ever created, never updated or deleted: an existing stream is used as
+  it is, provided it captures ``<prefix>.>`` (else a ``ConfigurationError``).
+
+Capabilities: durable groups, replay, cross-process members and broker dedupe; *not*
+``ordered_per_key`` (a consumer spreads one key's events over members; the core keeps a
+key's order within one member).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import re
+import ssl
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
+
+import nats
+import nats.errors
+import orjson
+
+from agentevents.core.deadletter import DeadLetter
+from agentevents.core.errors import (
+    BackendConnectionError,
+    ConfigurationError,
+    PayloadTooLargeError,
+    PublishError,
+    SubscribeError,
+)
+from agentevents.core.transport import (
+    Capabilities,
+    ConsumerSpec,
+    InboundMessage,
+    OutboundMessage,
+    Receiver,
+    Transport,
+)
+from agentevents.core.urls import redact_url
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+
+__all__ = ["NatsConfig", "NatsReceiver", "NatsTransport"]
+
+log = logging.getLogger("agentevents.nats")
+
+#: Bytes of ``max_payload`` kept for the headers we add (``Nats-Msg-Id: <uuid>``).
+HEADER_RESERVE = 128
+#: Publishes kept in flight at once by ``send``.
+PUBLISH_WINDOW = 1000
+#: An ephemeral consumer that nobody pulls from for this long is removed by the server.
+EPHEMERAL_INACTIVE = 300.0
+GROUP_HEADER = "Agentevents-Group"
+#: Longest a pull request waits on the server (``receive`` pulls again within its timeout).
+PULL_EXPIRES = 0.3
+#: Least time between two pull requests of one ``receive`` call whose first one ended empty.
+PULL_PAUSE = 0.05
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _seconds(name: str, text: str) -> float:
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{name}={text!r} is not a duration (e.g. 30, 90s, 15m, 2h, 7d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)
+
+
+def _safe_token(text: str, length: int = 24) -> str:
+    """``text`` as one subject token / consumer name: sanitised prefix + short hash."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+    readable = _UNSAFE.sub("_", text).strip("_")[:length]
+    return f"{readable}_{digest}" if readable else digest
+
+
+def consumer_name(group: str, pattern: str) -> str:
+    """The durable consumer name of ``group`` on ``pattern`` (valid, collision-free)."""
+    digest = hashlib.sha256(f"{group}\x00{pattern}".encode()).hexdigest()[:12]
+    readable = _UNSAFE.sub("_", group).strip("_")[:32]
+    return f"{readable}_{digest}" if readable else digest
+
+
+@dataclass(frozen=True, slots=True)
+class NatsConfig:
+    """Everything a :class:`NatsTransport` needs; built from a URL by :meth:`from_url`."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    stream: str = "AGENTEVENTS"
+    prefix: str = "agentevents"
+    max_age: float = 7 * 86400.0
+    replicas: int = 1
+    duplicate_window: float = 120.0
+    max_payload: int = 1024 * 1024
+    publish_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    name: str = "agentevents"
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.stream):
+            raise ConfigurationError(
+                f"stream={self.stream!r}: a JetStream stream name allows letters, digits, "
+                "'_' and '-' only")
+        if not _TOKEN.match(self.prefix):
+            raise ConfigurationError(
+                f"prefix={self.prefix!r}: dot-separated tokens of letters, digits, '_', '-'")
+        if self.replicas < 1:
+            raise ConfigurationError(f"replicas={self.replicas}: must be at least 1")
+        if self.max_payload <= HEADER_RESERVE:
+            raise ConfigurationError(f"max_payload={self.max_payload} is too small")
+        if self.max_age and self.duplicate_window > self.max_age:
+            raise ConfigurationError("duplicate_window must not exceed max_age")
+        for field_name in ("publish_timeout", "connect_timeout", "duplicate_window"):
+            if getattr(self, field_name) <= 0:
+                raise ConfigurationError(f"{field_name} must be positive (seconds)")
+
+    @property
+    def dlq_stream(self) -> str:
+        """Name of the dead-letter stream."""
+        return f"{self.stream}_DLQ"
+
+    @property
+    def dlq_prefix(self) -> str:
+        """Subject prefix of dead letters (outside ``<prefix>.>``)."""
+        return f"{self.prefix}_dlq"
+
+    @classmethod
+    def from_url(cls, url: str) -> NatsConfig:
+        """Parse ``nats://`` / ``tls://`` URLs (see the module docstring)."""
+        shown = redact_url(url)
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        if not sep or scheme not in ("nats", "tls"):
+            raise ConfigurationError(f"NATS URL {shown!r}: the scheme must be nats:// or tls://")
+        rest, _, _fragment = rest.partition("#")
+        netloc, _, query_text = rest.partition("?")
+        netloc = netloc.rstrip("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        if not at:
+            userinfo, hosts = "", netloc
+        kwargs: dict[str, Any] = {}
+        if userinfo:
+            if ":" in userinfo:
+                user, password = userinfo.split(":", 1)
+                kwargs["user"], kwargs["password"] = unquote(user), unquote(password)
+            else:
+                kwargs["token"] = unquote(userinfo)
+        servers = []
+        for host in (hosts or "127.0.0.1:4222").split(","):
+            host = host.strip()
+            if not host:
+                continue
+            if ":" not in host.rsplit("]", 1)[-1]:
+                host = f"{host}:4222"
+            servers.append(f"{scheme}://{host}")
+        kwargs["servers"] = tuple(servers)
+        kwargs["tls"] = scheme == "tls"
+        query = {k: v[-1] for k, v in parse_qs(query_text, keep_blank_values=True).items()}
+        try:
+            for name in ("stream", "prefix", "creds", "tls_ca", "tls_cert", "tls_key", "name",
+                         "token"):
+                if name in query:
+                    kwargs[name] = query.pop(name)
+            for name in ("max_age", "duplicate_window", "publish_timeout", "connect_timeout"):
+                if name in query:
+                    kwargs[name] = _seconds(name, query.pop(name))
+            for name in ("replicas", "max_payload"):
+                if name in query:
+                    kwargs[name] = int(query.pop(name))
+        except ValueError as exc:
+            raise ConfigurationError(f"NATS URL {shown!r}: {exc}") from exc
+        if query:
+            raise ConfigurationError(
+                f"NATS URL {shown!r}: unknown option(s) {', '.join(sorted(query))}; known: "
+                "stream, prefix, max_age, replicas, duplicate_window, max_payload, "
+                "publish_timeout, connect_timeout, creds, tls_ca, tls_cert, tls_key, name"
+            )
+        return cls(**kwargs)
+
+
+class _ApiError(Exception):
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"{description} (code {code}, err_code {err_code})")
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+
+
+def _delivery_count(reply: str) -> int:
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            return int(tokens[4])
+        if len(tokens) >= 11:  # with domain and account hash
+            return int(tokens[6])
+    except ValueError:
+        pass
+    return 1
+
+
+class NatsReceiver(Receiver):
+    """One member of one JetStream pull consumer; pulls on its own inbox."""
+
+    def __init__(self, transport: NatsTransport, nc: NatsClient, consumer: str,
+                 ephemeral: bool, ack_timeout: float) -> None:
+        self._transport = transport
+        self._nc = nc
+        self._config = transport.config
+        self._consumer = consumer
+        self._ephemeral = ephemeral
+        self._strip = len(self._config.prefix) + 1
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._config.stream}.{consumer}"
+        self._inbox = ""
+        self._buffer: deque[InboundMessage] = deque()
+        #: When each buffered message arrived (or was last kept alive with ``+WPI``).
+        self._buffered_at: deque[float] = deque()
+        self._keep_alive_after = ack_timeout / 3
+        #: Outstanding pull requests: reply token -> [messages still due, expiry time].
+        self._requests: dict[str, list[float]] = {}
+        self._serial = 0
+        self._arrived = asyncio.Event()
+        self._sub: Any = None
+        self._closed = False
+        self._warned = False
+        #: A receive was cancelled and none started since: nobody pulls any more.
+        self._halted = False
+
+    @property
+    def consumer(self) -> str:
+        """The JetStream consumer name."""
+        return self._consumer
+
+    async def start(self) -> None:
+        """Subscribe to a fresh inbox for the replies to our pull requests."""
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+
+    async def _end_requests(self) -> None:
+        """Wait (at most ``PULL_EXPIRES`` and a little) until our pull requests are over.
+
+        Messages they still deliver land in the buffer. Needed before handing messages back
+        once receiving stopped: nats-server 2.9 mishandles a waiting pull request whose
+        reply subject lost its interest when the next message is a redelivery (it drops the
+        redelivery from its queue and rewinds the stream cursor: the handed-back message
+        comes back only after ``ack_wait``, and another one twice); and a request still
+        open would take the handed-back messages straight back to this stopping member.
+        """
+        deadline = time.monotonic() + PULL_EXPIRES + 0.3
+        while self._sub is not None and self._outstanding() and time.monotonic() < deadline:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
+
+    async def _stop_pulling(self) -> None:
+        """End our pull requests and unsubscribe, keeping what they delivered (buffer)."""
+        if not self._ephemeral:  # an ephemeral consumer is deleted next: no need to wait
+            await self._end_requests()
+        sub, self._sub = self._sub, None
+        self._requests.clear()
+        if sub is not None:
+            try:  # unsubscribe, then wait a round trip for messages already on their way
+                await asyncio.wait_for(sub.drain(), max(self._config.publish_timeout, 1.0))
+            except Exception as exc:  # disconnected: the server lost the requests anyway
+                log.debug("draining the inbox of %s: %r", self._consumer, exc)
+
+    def reset(self) -> None:
+        """Forget pull requests (the server lost them, e.g. on reconnect)."""
+        self._requests.clear()
+        self._arrived.set()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        reply = msg.reply
+        if reply and reply.startswith("$JS.ACK."):
+            requests = self._requests
+            if requests:  # attribute it to the oldest request still open
+                token = next(iter(requests))
+                request = requests[token]
+                request[0] -= 1
+                if request[0] <= 0:
+                    del requests[token]
+            self._buffer.append(InboundMessage(
+                msg.data, msg.subject[self._strip:], _delivery_count(reply), None, reply))
+            self._buffered_at.append(time.monotonic())
+            self._arrived.set()
+            return
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None and status != "100":  # 404/408/409/503: the request is over
+            self._requests.pop(msg.subject.rsplit(".", 1)[-1], None)
+            gone = status == "503" or (status == "409" and "Deleted" in str(msg.headers))
+            if gone and not self._warned:
+                self._warned = True
+                log.warning("NATS consumer %s on stream %s is gone (%s %s); this "
+                            "subscription receives nothing until it is re-created",
+                            self._consumer, self._config.stream, status,
+                            msg.headers.get("Description", "") if msg.headers else "")
+            self._arrived.set()
+
+    def _outstanding(self) -> int:
+        now = time.monotonic()
+        total = 0
+        for token, (due, expires) in list(self._requests.items()):
+            if expires < now:
+                del self._requests[token]
+            else:
+                total += int(due)
+        return total
+
+    async def _pull(self, count: int, timeout: float) -> None:
+        self._serial += 1
+        token = str(self._serial)
+        expires = min(max(timeout, 0.01), PULL_EXPIRES)
+        self._requests[token] = [float(count), time.monotonic() + expires + 0.25]
+        request = b'{"batch":%d,"expires":%d}' % (count, _ns(expires))
+        await self._nc.publish(self._next_subject, request, reply=f"{self._inbox}.{token}")
+
+    def _take(self, max_messages: int) -> list[InboundMessage]:
+        buffer = self._buffer
+        count = min(max_messages, len(buffer))
+        out = [buffer.popleft() for _ in range(count)]
+        for _ in range(count):
+            self._buffered_at.popleft()
+        if not buffer:
+            self._arrived.clear()
+        return out
+
+    async def receive(self, max_messages: int, timeout: float) -> Sequence[InboundMessage]:
+        if self._closed:
+            return []
+        if self._buffer:
+            return self._take(max_messages)
+        if self._sub is None:
+            await self.start()
+        self._halted = False
+        try:
+            return await self._receive(max_messages, timeout)
+        except asyncio.CancelledError:
+            # Cancelled (the core is stopping): no new pulls; a later nack first lets our
+            # open pull requests end (see _end_requests).
+            self._halted = True
+            raise
+
+    async def _receive(self, max_messages: int, timeout: float) -> list[InboundMessage]:
+        deadline = time.monotonic() + timeout
+        pulled_at: float | None = None
+        while not self._closed:
+            want = max_messages - self._outstanding()
+            if want > 0 and not self._nc.is_closed:
+                if pulled_at is not None:  # a pull ended empty (status): do not spin
+                    pause = pulled_at + PULL_PAUSE - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+                        if self._buffer or time.monotonic() >= deadline:
+                            break
+                pulled_at = time.monotonic()
+                with contextlib.suppress(nats.errors.Error):
+                    await self._pull(want, max(deadline - pulled_at, 0.01))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            if not self._buffer:  # (it may have filled while the pull was being sent)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+            if self._buffer:
+                return self._take(max_messages)
+        return self._take(max_messages) if self._buffer else []
+
+    async def _send(self, messages: Sequence[InboundMessage], payload: bytes) -> None:
+        publish = self._nc.publish
+        for message in messages:
+            await publish(message.handle, payload)
+
+    async def _keep_buffer_alive(self) -> None:
+        """``+WPI`` messages pulled but not yet returned, before their ``ack_wait`` ends.
+
+        A pull request may deliver more than the core takes at once (it asked for a batch
+        while it had room); those wait here while the core is full.
+        """
+        times = self._buffered_at
+        if times and times[0] < time.monotonic() - self._keep_alive_after:
+            await self._send(list(self._buffer), b"+WPI")
+            now = time.monotonic()
+            self._buffered_at = deque(now for _ in times)
+
+    async def ack(self, messages: Sequence[InboundMessage]) -> None:
+        await self._send(messages, b"+ACK")
+        await self._keep_buffer_alive()
+
+    async def nack(self, messages: Sequence[InboundMessage], delay: float = 0.0) -> None:
+        payload = b"-NAK" if delay <= 0 else b'-NAK {"delay":%d}' % _ns(delay)
+        if self._halted and not self._ephemeral:
+            await self._end_requests()
+        await self._send(messages, payload)
+
+    async def extend(self, messages: Sequence[InboundMessage]) -> None:
+        await self._send(messages, b"+WPI")
+        await self._keep_buffer_alive()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._arrived.set()
+        self._transport._receivers.discard(self)
+        nc = self._nc
+        try:
+            # End our open pull requests; messages delivered but never returned go back
+            # at once.
+            await self._stop_pulling()
+            if self._buffer:
+                await self._send(list(self._buffer), b"-NAK")
+                self._buffer.clear()
+                self._buffered_at.clear()
+            if self._ephemeral:
+                await self._transport._api(
+                    nc, f"CONSUMER.DELETE.{self._config.stream}.{self._consumer}", None)
+            await nc.flush(timeout=max(int(self._config.publish_timeout), 1))
+        except Exception as exc:  # acks not flushed are redelivered; nothing is lost
+            log.debug("closing receiver %s: %r", self._consumer, exc)
+
+
+class NatsTransport(Transport):
+    """The JetStream transport; see the module docstring."""
+
+    def __init__(self, config: NatsConfig | None = None, *, url: str | None = None) -> None:
+        self.config = config or NatsConfig()
+        self._shown = redact_url(url) if url else ",".join(self.config.servers)
+        self.capabilities = Capabilities(
+            ordered_per_key=False,
+            durable_groups=True,
+            replay=True,
+            broker_dedupe=True,
+            cross_process=True,
+            max_payload_bytes=self.config.max_payload - HEADER_RESERVE,
+        )
+        self._nc: NatsClient | None = None
+        self._lock = asyncio.Lock()
+        self._receivers: weakref.WeakSet[NatsReceiver] = weakref.WeakSet()
+        self._closed = False
+        #: PubAcks awaited: reply token -> future of the PubAck message.
+        self._pub_acks: dict[str, asyncio.Future[Msg]] = {}
+        self._pub_inbox = ""
+        self._pub_serial = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> NatsTransport:
+        """Build from a ``nats://`` or ``tls://`` URL (see the module docstring)."""
+        return cls(NatsConfig.from_url(url), url=url)
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        config = self.config
+        if not (config.tls or config.tls_ca or config.tls_cert):
+            return None
+        context = ssl.create_default_context(cafile=config.tls_ca)
+        if config.tls_cert:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+        return context
+
+    async def _connect(self) -> NatsClient:
+        if self._nc is not None and not self._nc.is_closed:
+            return self._nc
+        async with self._lock:
+            if self._nc is not None and not self._nc.is_closed:
+                return self._nc
+            if self._closed:
+                raise BackendConnectionError(f"the NATS transport {self._shown} is closed")
+            config = self.config
+
+            errors: list[Exception] = []
+
+            async def on_error(exc: Exception) -> None:
+                errors[:] = [exc]
+                log.debug("NATS %s: %r", self._shown, exc)
+
+            async def on_disconnected() -> None:
+                if not self._closed:
+                    log.warning("NATS %s: disconnected; reconnecting", self._shown)
+
+            async def on_reconnected() -> None:
+                log.warning("NATS %s: reconnected", self._shown)
+                for receiver in list(self._receivers):
+                    receiver.reset()
+
+            options: dict[str, Any] = {
+                "servers": list(config.servers),
+                "name": config.name,
+                "connect_timeout": config.connect_timeout,
+                "allow_reconnect": True,
+                "max_reconnect_attempts": -1,
+                "reconnect_time_wait": 0.5,
+                "error_cb": on_error,
+                "disconnected_cb": on_disconnected,
+                "reconnected_cb": on_reconnected,
+            }
+            if config.user is not None:
+                options["user"] = config.user
+                options["password"] = config.password
+            if config.token is not None:
+                options["token"] = config.token
+            if config.creds is not None:
+                options["user_credentials"] = config.creds
+            context = self._tls_context()
+            if context is not None:
+                options["tls"] = context
+            try:
+                nc = await asyncio.wait_for(nats.connect(**options),
+                                            config.connect_timeout * 2)
+            except TimeoutError as exc:
+                raise BackendConnectionError(
+                    f"cannot connect to NATS at {self._shown} within "
+                    f"{config.connect_timeout * 2:g} s"
+                    + (f"; last error: {errors[-1]!r}" if errors else "")) from exc
+            except Exception as exc:
+                raise BackendConnectionError(
+                    f"cannot connect to NATS at {self._shown}: {exc!r}") from exc
+            try:
+                self._pub_inbox = nc.new_inbox()
+                await nc.subscribe(f"{self._pub_inbox}.*", cb=self._on_pub_ack)
+                server_max = nc.max_payload
+                if server_max < config.max_payload:
+                    log.warning("NATS %s: the server's max_payload is %d bytes, smaller than "
+                                "the configured %d; set ?max_payload=%d",
+                                self._shown, server_max, config.max_payload, server_max)
+                await self._ensure_stream(nc, config.stream, f"{config.prefix}.>",
+                                          config.max_age)
+                await self._ensure_stream(nc, config.dlq_stream, f"{config.dlq_prefix}.>", 0.0)
+            except BaseException:
+                await nc.close()
+                raise
+            self._nc = nc
+            return nc
+
+    async def _api(self, nc: NatsClient, subject: str, payload: dict[str, Any] | None,
+                   timeout: float | None = None) -> dict[str, Any]:
+        body = orjson.dumps(payload) if payload is not None else b""
+        reply = await nc.request(f"$JS.API.{subject}", body,
+                                 timeout=timeout or self.config.publish_timeout)
+        data: dict[str, Any] = orjson.loads(reply.data)
+        error = data.get("error")
+        if error:
+            raise _ApiError(int(error.get("code", 0)), int(error.get("err_code", 0)),
+                            str(error.get("description", error)))
+        return data
+
+    async def _ensure_stream(self, nc: NatsClient, name: str, subjects: str,
+                             max_age: float) -> None:
+        try:
+            info = await self._api(nc, f"STREAM.INFO.{name}", None)
+        except _ApiError as exc:
+            if exc.code != 404:
+                raise
+        else:
+            existing = info.get("config", {}).get("subjects") or []
+            if subjects not in existing:
+                raise ConfigurationError(
+                    f"NATS {self._shown}: stream {name!r} exists with subjects {existing}, "
+                    f"not {subjects!r}; choose another stream or prefix")
+            return
+        config = self.config
+        stream = {
+            "name": name,
+            "subjects": [subjects],
+            "retention": "limits",
+            "discard": "old",
+            "storage": "file",
+            "max_age": _ns(max_age),
+            "num_replicas": config.replicas,
+            "duplicate_window": _ns(min(config.duplicate_window, max_age)
+                                    if max_age else config.duplicate_window),
+            "max_msgs": -1,
+            "max_bytes": -1,
+            "max_msg_size": -1,
+            "max_consumers": -1,
+        }
+        try:
+            await self._api(nc, f"STREAM.CREATE.{name}", stream)
+        except _ApiError as exc:
+            try:  # created concurrently by another process?
+                await self._api(nc, f"STREAM.INFO.{name}", None)
+            except _ApiError:
+                raise ConfigurationError(
+                    f"NATS {self._shown}: cannot create stream {name!r} on {subjects!r}: "
+                    f"{exc.description}") from exc
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def _publish(self, nc: NatsClient, subject: str, body: bytes,
+                       headers: dict[str, str]) -> None:
+        reply = await nc.request(subject, body, timeout=self.config.publish_timeout,
+                                 headers=headers)
+        data = orjson.loads(reply.data)
+        error = data.get("error") if isinstance(data, dict) else None
+        if error or not isinstance(data, dict) or "seq" not in data:
+            raise _ApiError(int((error or {}).get("code", 0)), int((error or {}).get(
+                "err_code", 0)), str((error or {}).get("description", data)))
+
+    async def _on_pub_ack(self, msg: Msg) -> None:
+        future = self._pub_acks.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def _publish_window(self, nc: NatsClient,
+                              jobs: Sequence[tuple[str, bytes, dict[str, str]]]
+                              ) -> list[BaseException]:
+        """Publish ``jobs`` with their PubAcks awaited together; return the failures."""
+        loop = asyncio.get_running_loop()
+        acks = self._pub_acks
+        inbox = self._pub_inbox
+        futures: list[tuple[str, asyncio.Future[Msg]]] = []
+        failures: list[BaseException] = []
+        try:
+            for subject, body, headers in jobs:
+                self._pub_serial += 1
+                token = str(self._pub_serial)
+                future: asyncio.Future[Msg] = loop.create_future()
+                acks[token] = future
+                futures.append((token, future))
+                await nc.publish(subject, body, reply=f"{inbox}.{token}", headers=headers)
+            if futures:
+                await asyncio.wait([f for _, f in futures], timeout=self.config.publish_timeout)
+        except nats.errors.Error as exc:
+            failures.append(exc)
+        finally:
+            for token, future in futures:
+                if not future.done():
+                    acks.pop(token, None)
+                    future.cancel()
+        for _token, future in futures:
+            if future.cancelled():
+                if not failures:
+                    failures.append(nats.errors.TimeoutError())
+                else:
+                    failures.append(failures[0])
+                continue
+            msg = future.result()
+            status = msg.headers.get("Status") if msg.headers else None
+            if status == "503":
+                failures.append(nats.errors.NoRespondersError())
+                continue
+            try:
+                data = orjson.loads(msg.data)
+            except orjson.JSONDecodeError as exc:
+                failures.append(exc)
+                continue
+            error = data.get("error") if isinstance(data, dict) else None
+            if error or not isinstance(data, dict) or "seq" not in data:
+                error = error if isinstance(error, dict) else {}
+                failures.append(_ApiError(int(error.get("code", 0)),
+                                          int(error.get("err_code", 0)),
+                                          str(error.get("description", data))))
+        return failures
+
+    def _publish_error(self, failed: int, total: int, exc: BaseException) -> PublishError:
+        if isinstance(exc, nats.errors.NoRespondersError):
+            why = (f"no JetStream stream answered (is stream {self.config.stream!r} on "
+                   f"'{self.config.prefix}.>' gone, or JetStream disabled?)")
+        elif isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError):
+            why = (f"no PubAck within {self.config.publish_timeout:g} s (server down or "
+                   "reconnecting?)")
+        else:
+            why = repr(exc)
+        return PublishError(
+            f"NATS {self._shown}: {failed} of {total} event(s) not accepted by stream "
+            f"{self.config.stream!r}: {why}; publishing them again is safe (ids deduplicate "
+            f"within {self.config.duplicate_window:g} s)")
+
+    async def send(self, messages: Sequence[OutboundMessage]) -> None:
+        if not messages:
+            return
+        try:
+            nc = await self._connect()
+        except Exception as exc:
+            raise PublishError(f"publishing {len(messages)} event(s): {exc}") from exc
+        prefix = self.config.prefix
+        limit = min(self.config.max_payload, nc.max_payload)  # the server's INFO may be lower
+        jobs = []
+        for message in messages:
+            body = message.body
+            msg_id = message.id
+            size = len(body) + len(msg_id) + 27
+            if size > limit:
+                raise PayloadTooLargeError(msg_id, len(body), limit - HEADER_RESERVE)
+            jobs.append((f"{prefix}.{message.topic}", body, {"Nats-Msg-Id": msg_id}))
+        failures: list[BaseException] = []
+        for start in range(0, len(jobs), PUBLISH_WINDOW):
+            failures.extend(await self._publish_window(nc, jobs[start : start + PUBLISH_WINDOW]))
+        if failures:
+            raise self._publish_error(len(failures), len(messages), failures[0]) from failures[0]
+
+    # -- consuming -----------------------------------------------------------------------
+
+    async def open_receiver(self, spec: ConsumerSpec) -> Receiver:
+        try:
+            nc = await self._connect()
+        except Exception as exc:
+            raise SubscribeError(f"subscribing to {spec.pattern.text!r}: {exc}") from exc
+        config = self.config
+        stream = config.stream
+        consumer: dict[str, Any] = {
+            "ack_policy": "explicit",
+            "ack_wait": _ns(spec.ack_timeout),
+            "max_deliver": -1,
+            "filter_subject": f"{config.prefix}.{spec.pattern.text}",
+            "max_ack_pending": max(10_000, spec.max_in_flight * 16),
+            "max_waiting": 512,
+            "replay_policy": "instant",
+        }
+        try:
+            if spec.group is None:
+                consumer["deliver_policy"] = "new"
+                consumer["inactive_threshold"] = _ns(EPHEMERAL_INACTIVE)
+                created = await self._api(nc, f"CONSUMER.CREATE.{stream}",
+                                          {"stream_name": stream, "config": consumer})
+                name = str(created["name"])
+            else:
+                name = consumer_name(spec.group, spec.pattern.text)
+                try:
+                    await self._api(nc, f"CONSUMER.INFO.{stream}.{name}", None)
+                except _ApiError as exc:
+                    if exc.code != 404:
+                        raise
+                    consumer["durable_name"] = name
+                    consumer["deliver_policy"] = "all" if spec.start == "earliest" else "new"
+                    try:
+                        await self._api(nc, f"CONSUMER.DURABLE.CREATE.{stream}.{name}",
+                                        {"stream_name": stream, "config": consumer})
+                    except _ApiError:  # another member created it meanwhile
+                        await self._api(nc, f"CONSUMER.INFO.{stream}.{name}", None)
+        except (_ApiError, nats.errors.Error) as exc:
+            raise SubscribeError(
+                f"NATS {self._shown}: cannot create consumer for {spec.pattern.text!r} "
+                f"(group {spec.group!r}) on stream {stream!r}: {exc}") from exc
+        receiver = NatsReceiver(self, nc, name, ephemeral=spec.group is None,
+                                ack_timeout=spec.ack_timeout)
+        await receiver.start()
+        self._receivers.add(receiver)
+        return receiver
+
+    # -- dead letters --------------------------------------------------------------------
+
+    def dead_letter_subject(self, group: str | None) -> str:
+        """The subject holding the dead letters of ``group`` (``None``: ephemeral ones)."""
+        token = "_ephemeral" if group is None else _safe_token(group)
+        return f"{self.config.dlq_prefix}.{token}"
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        nc = await self._connect()
+        for letter in letters:
+            headers = {"Nats-Msg-Id": str(letter.id), GROUP_HEADER: letter.group or ""}
+            await self._publish(nc, self.dead_letter_subject(letter.group),
+                                letter.model_dump_json().encode(), headers)
+
+    async def read_dead_letters(
+        self, group: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        nc = await self._connect()
+        subject = (f"{self.config.dlq_prefix}.>" if group is None
+                   else self.dead_letter_subject(group))
+        letters: list[DeadLetter] = []
+        seq = 1
+        while len(letters) < limit:
+            try:
+                data = await self._api(nc, f"STREAM.MSG.GET.{self.config.dlq_stream}",
+                                       {"seq": seq, "next_by_subj": subject})
+            except _ApiError as exc:
+                if exc.code == 404:
+                    break
+                raise
+            message = data["message"]
+            seq = int(message["seq"]) + 1
+            letter = DeadLetter.model_validate_json(base64.b64decode(message["data"]))
+            if group is None or letter.group == group:
+                letters.append(letter)
+        return letters
+
+    async def close(self) -> None:
+        self._closed = True
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    def __repr__(self) -> str:
+        return f"<NatsTransport {self._shown} stream={self.config.stream!r}>"

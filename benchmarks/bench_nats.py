@@ -1,0 +1,254 @@
+"""Benchmarks of the NATS JetStream bus against raw nats-py, in one run.
+
+Run by hand (never in CI), against a local server with JetStream::
+
+    .venv/bin/python benchmarks/bench_nats.py                       # 20k events, 3 repeats
+    .venv/bin/python benchmarks/bench_nats.py --url nats://127.0.0.1:4222 --events 50000
+
+Figures (median of ``--repeat`` runs, each on a fresh stream deleted afterwards):
+
+* publish: agentevents ``publish_many`` (batches of 1,000) vs raw ``js.publish_async`` with
+  a window of 1,000 pending PubAcks, then waiting for all of them;
+* consume: a group (``start="earliest"``, ``max_in_flight=256``) draining N stored events
+  with a no-op handler vs raw pull (``fetch(256)`` + ``ack``) and raw push (callback +
+  ``ack``) consumers;
+* end to end: p50/p99 latency from ``publish`` to the handler at a paced 1,000 events/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+
+from agentevents import Event, create_bus
+
+
+def _events(n: int) -> list[Event]:
+    return [Event(type="bench.event", source="bench", payload={"i": i, "text": "x" * 64})
+            for i in range(n)]
+
+
+class Bench:
+    def __init__(self, url: str, events: int) -> None:
+        self.url = url
+        self.n = events
+
+    def _names(self) -> tuple[str, str]:
+        tag = uuid.uuid4().hex[:8]
+        return f"BENCH_{tag}", f"bench{tag}"
+
+    def _bus_url(self, stream: str, prefix: str) -> str:
+        return f"{self.url}?stream={stream}&prefix={prefix}&max_age=1h"
+
+    async def _drop(self, stream: str) -> None:
+        nc = await nats.connect(self.url)
+        js = nc.jetstream()
+        for name in (stream, f"{stream}_DLQ"):
+            try:
+                await js.delete_stream(name)
+            except Exception:  # the DLQ stream may not exist
+                continue
+        await nc.close()
+
+    async def _raw_stream(self) -> tuple[NatsClient, str, str]:
+        stream, prefix = self._names()
+        nc = await nats.connect(self.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
+        return nc, stream, prefix
+
+    async def _fill_raw(self, nc: NatsClient, prefix: str) -> None:
+        js = nc.jetstream(publish_async_max_pending=1000)
+        body = _events(1)[0]
+        from agentevents.core.codec import encode_event
+
+        data = encode_event(body)
+        for i in range(self.n):
+            await js.publish_async(f"{prefix}.bench.event", data,
+                                   headers={"Nats-Msg-Id": f"{i}-{uuid.uuid4().hex}"})
+        await js.publish_async_completed()
+
+    # -- publish ---------------------------------------------------------------------------
+
+    async def ae_publish(self) -> float:
+        stream, prefix = self._names()
+        bus = create_bus(self._bus_url(stream, prefix))
+        events = _events(self.n)
+        await bus.publish(Event(type="bench.warmup"))
+        start = time.perf_counter()
+        for i in range(0, self.n, 1000):
+            await bus.publish_many(events[i : i + 1000])
+        elapsed = time.perf_counter() - start
+        await bus.close()
+        await self._drop(stream)
+        return self.n / elapsed
+
+    async def raw_publish(self) -> float:
+        nc, stream, prefix = await self._raw_stream()
+        from agentevents.core.codec import encode_event
+
+        bodies = [encode_event(e) for e in _events(self.n)]  # encoding counted separately
+        js = nc.jetstream(publish_async_max_pending=1000)
+        start = time.perf_counter()
+        for i, body in enumerate(bodies):
+            await js.publish_async(f"{prefix}.bench.event", body,
+                                   headers={"Nats-Msg-Id": str(i)})
+        await js.publish_async_completed()
+        elapsed = time.perf_counter() - start
+        await nc.close()
+        await self._drop(stream)
+        return self.n / elapsed
+
+    # -- consume ---------------------------------------------------------------------------
+
+    async def ae_consume(self) -> float:
+        stream, prefix = self._names()
+        url = self._bus_url(stream, prefix)
+        publisher = create_bus(url)
+        events = _events(self.n)
+        for i in range(0, self.n, 1000):
+            await publisher.publish_many(events[i : i + 1000])
+        await publisher.close()
+        bus = create_bus(url)
+        done = asyncio.Event()
+        seen = 0
+
+        async def handler(event: Event) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == self.n:
+                done.set()
+
+        start = time.perf_counter()
+        await bus.subscribe("bench.>", handler, group="bench", start="earliest",
+                            max_in_flight=256)
+        await asyncio.wait_for(done.wait(), 300)
+        elapsed = time.perf_counter() - start
+        await bus.close()
+        await self._drop(stream)
+        return self.n / elapsed
+
+    async def raw_pull(self) -> float:
+        nc, stream, prefix = await self._raw_stream()
+        await self._fill_raw(nc, prefix)
+        js = nc.jetstream()
+        start = time.perf_counter()
+        sub = await js.pull_subscribe(f"{prefix}.>", durable="rawpull", stream=stream)
+        seen = 0
+        while seen < self.n:
+            try:
+                msgs = await sub.fetch(256, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                await msg.ack()
+            seen += len(msgs)
+        await nc.flush()
+        elapsed = time.perf_counter() - start
+        await nc.close()
+        await self._drop(stream)
+        return self.n / elapsed
+
+    async def raw_push(self) -> float:
+        nc, stream, prefix = await self._raw_stream()
+        await self._fill_raw(nc, prefix)
+        js = nc.jetstream()
+        done = asyncio.Event()
+        seen = 0
+
+        async def on(msg: Msg) -> None:
+            nonlocal seen
+            await msg.ack()
+            seen += 1
+            if seen == self.n:
+                done.set()
+
+        start = time.perf_counter()
+        await js.subscribe(f"{prefix}.>", cb=on, stream=stream, manual_ack=True,
+                           config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
+                                                 deliver_policy=DeliverPolicy.ALL,
+                                                 max_ack_pending=1000))
+        await asyncio.wait_for(done.wait(), 300)
+        await nc.flush()
+        elapsed = time.perf_counter() - start
+        await nc.close()
+        await self._drop(stream)
+        return self.n / elapsed
+
+    # -- latency ---------------------------------------------------------------------------
+
+    async def e2e_latency(self, rate: int, seconds: float) -> tuple[float, float, float]:
+        stream, prefix = self._names()
+        url = self._bus_url(stream, prefix)
+        publisher, consumer = create_bus(url), create_bus(url)
+        latencies: list[float] = []
+        total = int(rate * seconds)
+        done = asyncio.Event()
+
+        async def handler(event: Event) -> None:
+            latencies.append(time.perf_counter() - float(event.payload["t"]))
+            if len(latencies) >= total:
+                done.set()
+
+        await consumer.subscribe("lat.>", handler, group="lat")
+        await publisher.publish(Event(type="warm.up"))
+        begin = time.perf_counter()
+        for i in range(total):
+            due = begin + i / rate
+            pause = due - time.perf_counter()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            await publisher.publish(Event(type="lat.tick", payload={"t": time.perf_counter()}))
+        await asyncio.wait_for(done.wait(), 60)
+        await consumer.close()
+        await publisher.close()
+        await self._drop(stream)
+        latencies.sort()
+        p50 = latencies[len(latencies) // 2] * 1000
+        p99 = latencies[int(len(latencies) * 0.99)] * 1000
+        return p50, p99, latencies[-1] * 1000
+
+
+async def _median(run: Callable[[], Awaitable[float]], repeat: int) -> float:
+    return statistics.median([await run() for _ in range(repeat)])
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    bench = Bench(args.url, args.events)
+    print(f"NATS JetStream at {args.url}: {args.events} events, median of {args.repeat}")
+    ae_pub = await _median(bench.ae_publish, args.repeat)
+    raw_pub = await _median(bench.raw_publish, args.repeat)
+    print(f"publish   agentevents publish_many  {ae_pub:10,.0f} ev/s")
+    print(f"publish   raw js.publish_async      {raw_pub:10,.0f} ev/s   ratio "
+          f"{ae_pub / raw_pub:.2f}")
+    ae_con = await _median(bench.ae_consume, args.repeat)
+    raw_pull = await _median(bench.raw_pull, args.repeat)
+    raw_push = await _median(bench.raw_push, args.repeat)
+    print(f"consume   agentevents group         {ae_con:10,.0f} ev/s")
+    print(f"consume   raw pull fetch(256)+ack   {raw_pull:10,.0f} ev/s   ratio "
+          f"{ae_con / raw_pull:.2f}")
+    print(f"consume   raw push cb+ack           {raw_push:10,.0f} ev/s   ratio "
+          f"{ae_con / raw_push:.2f}")
+    p50, p99, worst = await bench.e2e_latency(args.rate, args.seconds)
+    print(f"e2e at {args.rate} ev/s for {args.seconds:g} s: p50 {p50:.2f} ms, "
+          f"p99 {p99:.2f} ms, max {worst:.2f} ms")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

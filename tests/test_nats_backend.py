@@ -1,0 +1,743 @@
+"""NATS-specific tests: URL parsing, subjects and stream/consumer config, broker dedupe,
+the dead-letter stream, a server restart, and a consumer process killed mid-stream.
+
+Uses the shared server of ``AGENTEVENTS_NATS_URL`` (default ``nats://127.0.0.1:4222``) with
+streams unique to this session (deleted at the end); the restart test starts its own
+``nats-server`` on a free port and kills only that one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+
+from agentevents.backends.nats.transport import (
+    HEADER_RESERVE,
+    NatsConfig,
+    NatsTransport,
+    consumer_name,
+)
+from agentevents.core.bus import Bus
+from agentevents.core.deadletter import DeadLetter
+from agentevents.core.errors import ConfigurationError, PublishError
+from agentevents.core.event import Event
+from agentevents.core.patterns import compile_pattern
+from agentevents.core.transport import ConsumerSpec
+from agentevents.plugins.registry import create_bus
+
+NATS_URL = os.environ.get("AGENTEVENTS_NATS_URL", "nats://127.0.0.1:4222")
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+async def _probe(url: str) -> None:
+    import nats
+
+    from agentevents.backends.nats.transport import NatsConfig
+
+    host, _, port = NatsConfig.from_url(url).servers[0].split("://", 1)[1].rpartition(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))  # fails fast and clearly
+    writer.close()
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False,
+                            max_reconnect_attempts=0)
+    try:
+        await nc.jetstream().account_info()  # JetStream enabled?
+    finally:
+        await nc.close()
+
+
+def _check_reachable() -> None:
+    try:
+        asyncio.run(asyncio.wait_for(_probe(NATS_URL), 5))
+    except Exception as exc:
+        message = f"NATS NOT REACHABLE at {NATS_URL}: {exc!r}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+_check_reachable()
+
+_SESSION = uuid.uuid4().hex[:10]
+STREAM = f"NB_{_SESSION}"
+PREFIX = f"nb{_SESSION}"
+URL = f"{NATS_URL}?stream={STREAM}&prefix={PREFIX}&max_age=1h&duplicate_window=90s"
+
+
+async def _delete_streams(url: str, *names: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for name in names:
+            with contextlib.suppress(Exception):  # never created: nothing to delete
+                await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup() -> Iterator[None]:
+    yield
+    asyncio.run(_delete_streams(NATS_URL, STREAM, f"{STREAM}_DLQ", f"{STREAM}_FAULT",
+                                f"{STREAM}_FAULT_DLQ"))
+
+
+@pytest_asyncio.fixture
+async def buses() -> AsyncIterator[list[Bus]]:
+    opened: list[Bus] = []
+    yield opened
+    for bus in opened:
+        await bus.close(timeout=5.0)
+
+
+def _bus(opened: list[Bus], url: str = URL) -> Bus:
+    bus = create_bus(url)
+    opened.append(bus)
+    return bus
+
+
+async def _api(bus: Bus, subject: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    transport = bus.transport
+    assert isinstance(transport, NatsTransport)
+    nc = await transport._connect()
+    return await transport._api(nc, subject, payload)
+
+
+async def _until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _unique() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+class TestUrl:
+    def test_defaults(self) -> None:
+        config = NatsConfig.from_url("nats://")
+        assert config.servers == ("nats://127.0.0.1:4222",)
+        assert (config.stream, config.prefix) == ("AGENTEVENTS", "agentevents")
+        assert config.max_age == 7 * 86400
+        assert config.duplicate_window == 120
+        assert config.replicas == 1
+        assert config.dlq_stream == "AGENTEVENTS_DLQ"
+        assert config.dlq_prefix == "agentevents_dlq"
+
+    def test_credentials_hosts_and_options(self) -> None:
+        config = NatsConfig.from_url(
+            "nats://alice:s%40cret@n1:4223,n2?stream=ORDERS&prefix=acme.events&max_age=2h"
+            "&replicas=3&duplicate_window=5m&max_payload=8388608&publish_timeout=1.5"
+            "&creds=/etc/nats/app.creds"
+        )
+        assert config.servers == ("nats://n1:4223", "nats://n2:4222")
+        assert (config.user, config.password, config.token) == ("alice", "s@cret", None)
+        assert (config.stream, config.prefix) == ("ORDERS", "acme.events")
+        assert (config.max_age, config.replicas, config.duplicate_window) == (7200, 3, 300)
+        assert config.max_payload == 8388608
+        assert config.publish_timeout == 1.5
+        assert config.creds == "/etc/nats/app.creds"
+        transport = NatsTransport(config)
+        assert transport.capabilities.max_payload_bytes == 8388608 - HEADER_RESERVE
+
+    def test_token_and_tls(self) -> None:
+        config = NatsConfig.from_url("tls://s3cr3t@nats.example.com?tls_ca=/ca.pem")
+        assert config.token == "s3cr3t"
+        assert config.user is None
+        assert config.tls
+        assert config.servers == ("tls://nats.example.com:4222",)
+        assert config.tls_ca == "/ca.pem"
+
+    @pytest.mark.parametrize(
+        ("url", "words"),
+        [
+            ("nats://h?stream=has.dot", "stream"),
+            ("nats://h?prefix=a.*", "prefix"),
+            ("nats://h?max_age=soon", "duration"),
+            ("nats://h?replicas=0", "replicas"),
+            ("nats://h?bogus=1", "unknown option"),
+            ("http://h", "scheme"),
+        ],
+    )
+    def test_bad_urls_are_configuration_errors(self, url: str, words: str) -> None:
+        with pytest.raises(ConfigurationError, match=words):
+            NatsConfig.from_url(url)
+
+    def test_secrets_are_redacted(self) -> None:
+        with pytest.raises(ConfigurationError) as error:
+            NatsConfig.from_url("nats://alice:hunter2@h?bogus=1")
+        assert "hunter2" not in str(error.value)
+        assert "alice:***" in str(error.value)
+        assert "hunter2" not in repr(NatsTransport.from_url("nats://alice:hunter2@h"))
+        assert "tok123" not in repr(NatsTransport.from_url("nats://tok123@h"))
+
+    @pytest.mark.asyncio
+    async def test_unreachable_server_is_a_publish_error_without_secrets(self) -> None:
+        bus = create_bus(f"nats://alice:hunter2@127.0.0.1:{_free_port()}?connect_timeout=0.5")
+        try:
+            with pytest.raises(PublishError) as error:
+                await bus.publish(Event(type="a.b"))
+            assert "hunter2" not in str(error.value)
+            assert "cannot connect" in str(error.value)
+        finally:
+            await bus.close()
+
+    def test_plugin_import_is_cheap_and_registered(self) -> None:
+        code = ("import sys, agentevents.backends.nats as p; "
+                "[info] = p.agentevents_bus_backends(); "
+                "assert info.schemes == ('nats', 'tls') and info.extra == 'nats', info; "
+                "assert not [m for m in sys.modules if m == 'nats' or m.startswith('nats.')]")
+        subprocess.run([sys.executable, "-c", code], check=True)
+        from agentevents.plugins.registry import create_bus as make
+
+        assert isinstance(make("nats://127.0.0.1:1").transport, NatsTransport)
+
+    def test_delivery_count_comes_from_the_ack_subject(self) -> None:
+        from agentevents.backends.nats.transport import _delivery_count
+
+        assert _delivery_count("$JS.ACK.S.C.3.10.12.1700000000000000000.0") == 3
+        assert _delivery_count("$JS.ACK.dom.acchash.S.C.2.10.12.1700000000000000000.0.tok") == 2
+        assert _delivery_count("$JS.ACK.garbage") == 1
+
+    def test_consumer_names_are_valid_and_distinct(self) -> None:
+        names = {
+            consumer_name("agent-1.handle", "code.>"),
+            consumer_name("agent-1.handle", "code.*"),
+            consumer_name("agent-1_handle", "code.>"),
+            consumer_name("agent 1.handle", "code.>"),
+            consumer_name("..", "x"),
+        }
+        assert len(names) == 5
+        for name in names:
+            assert not set(name) & set(". *>"), name
+        assert consumer_name("g", "p") == consumer_name("g", "p")
+
+
+# -- subjects, streams and consumers -------------------------------------------------------
+
+
+@pytest.mark.asyncio
+class TestServerObjects:
+    async def test_stream_config_and_subject_mapping(self, buses: list[Bus]) -> None:
+        import nats
+
+        bus = _bus(buses)
+        u = _unique()
+        seen: list[str] = []
+        raw = await nats.connect(NATS_URL)
+        try:
+            async def on(msg: Any) -> None:
+                seen.append(msg.subject)
+
+            await raw.subscribe(f"{PREFIX}.{u}.>", cb=on)
+            await raw.flush()
+            await bus.publish(Event(type=f"{u}.code.build.failed"))
+            await _until(lambda: bool(seen), what="the raw NATS subscriber")
+        finally:
+            await raw.close()
+        assert seen == [f"{PREFIX}.{u}.code.build.failed"]
+        info = await _api(bus, f"STREAM.INFO.{STREAM}")
+        config = info["config"]
+        assert config["subjects"] == [f"{PREFIX}.>"]
+        assert config["retention"] == "limits"
+        assert config["storage"] == "file"
+        assert config["max_age"] == 3600 * 10**9
+        assert config["duplicate_window"] == 90 * 10**9
+        assert config["num_replicas"] == 1
+        dlq = await _api(bus, f"STREAM.INFO.{STREAM}_DLQ")
+        assert dlq["config"]["subjects"] == [f"{PREFIX}_dlq.>"]
+        # Building a second transport on an existing stream is idempotent.
+        await _bus(buses).publish(Event(type=f"{u}.again"))
+
+    async def test_existing_stream_with_other_subjects_is_refused(
+        self, buses: list[Bus]
+    ) -> None:
+        await _bus(buses).publish(Event(type=f"{_unique()}.create.stream"))
+        other = _bus(buses, f"{NATS_URL}?stream={STREAM}&prefix=someone.else")
+        with pytest.raises(PublishError, match="exists with subjects"):
+            await other.publish(Event(type="a.b"))
+
+    async def test_group_consumer_config(self, buses: list[Bus]) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        group = f"{u}.agent.handler"
+
+        async def handler(event: Event) -> None:
+            return None
+
+        await bus.subscribe(f"{u}.code.*", handler, group=group, start="earliest",
+                            ack_timeout=7.0, max_attempts=4, max_in_flight=16)
+        name = consumer_name(group, f"{u}.code.*")
+        info = await _api(bus, f"CONSUMER.INFO.{STREAM}.{name}")
+        config = info["config"]
+        assert config["durable_name"] == name
+        assert config["filter_subject"] == f"{PREFIX}.{u}.code.*"
+        assert config["ack_wait"] == 7 * 10**9
+        assert config["deliver_policy"] == "all"
+        assert config["ack_policy"] == "explicit"
+        assert config.get("max_deliver", -1) == -1
+        assert config["max_ack_pending"] >= 16
+
+    async def test_ephemeral_consumer_is_deleted_on_stop(self, buses: list[Bus]) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        receiver = await transport.open_receiver(ConsumerSpec(
+            compile_pattern(f"{u}.>"), None, "latest", 5.0, "m", 4, 3))
+        name = receiver.consumer  # type: ignore[attr-defined]
+        info = await _api(bus, f"CONSUMER.INFO.{STREAM}.{name}")
+        assert info["config"]["deliver_policy"] == "new"
+        await receiver.close()
+        with pytest.raises(Exception, match="consumer not found"):
+            await _api(bus, f"CONSUMER.INFO.{STREAM}.{name}")
+
+    async def test_repeated_event_id_is_stored_once(self, buses: list[Bus]) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        event = Event(type=f"{u}.once")
+        await bus.publish(event)
+        await bus.publish(event)
+        await _bus(buses).publish_many([event, event])
+        info = await _api(bus, f"STREAM.INFO.{STREAM}", {"subjects_filter": f"{PREFIX}.{u}.>"})
+        assert info["state"]["subjects"] == {f"{PREFIX}.{u}.once": 1}
+
+    async def test_redelivery_counts_deliveries(self, buses: list[Bus]) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 5.0, "m", 4, 3)
+        receiver = await transport.open_receiver(spec)
+        try:
+            await bus.publish(Event(type=f"{u}.job"))
+            first = await receiver.receive(4, 5.0)
+            assert [m.delivery_count for m in first] == [1]
+            await receiver.nack(first)
+            second = await receiver.receive(4, 5.0)
+            assert [m.delivery_count for m in second] == [2]
+            assert second[0].body == first[0].body
+            await receiver.extend(second)
+            await receiver.ack(second)
+            assert await receiver.receive(4, 0.5) == []
+        finally:
+            await receiver.close()
+
+
+@pytest.mark.asyncio
+class TestDeadLetterStream:
+    async def test_dead_letters_live_in_their_own_stream(self, buses: list[Bus]) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        group = f"{u}.agent.h"
+        everything: list[Event] = []
+
+        async def failing(event: Event) -> None:
+            raise RuntimeError("boom")
+
+        async def watch(event: Event) -> None:
+            everything.append(event)
+
+        await bus.subscribe(">", watch)
+        await bus.subscribe(f"{u}.>", failing, group=group, max_attempts=2, retry_backoff=0.01)
+        event = Event(type=f"{u}.bad", payload={"x": 1})
+        await bus.publish(event)
+        deadline = time.monotonic() + 20
+        while not await bus.dead_letters(group):
+            assert time.monotonic() < deadline, "no dead letter"
+            await asyncio.sleep(0.05)
+        [letter] = await bus.dead_letters(group)
+        assert (letter.event_id, letter.attempts, letter.error_type) == (str(event.id), 2,
+                                                                        "RuntimeError")
+        assert await bus.dead_letters(f"{u}-other") == []
+        assert letter in await bus.dead_letters()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        subject = transport.dead_letter_subject(group)
+        assert subject.startswith(f"{PREFIX}_dlq.")
+        assert subject.count(".") == 1
+        raw = await _api(bus, f"STREAM.MSG.GET.{STREAM}_DLQ", {"seq": 1, "next_by_subj": subject})
+        message = raw["message"]
+        assert DeadLetter.model_validate_json(base64.b64decode(message["data"])) == letter
+        assert f"Agentevents-Group: {group}" in base64.b64decode(message["hdrs"]).decode()
+        await asyncio.sleep(0.3)
+        assert [e.type for e in everything if e.type.startswith(u)] == [event.type], (
+            "a '>' subscriber saw a dead letter")
+
+
+# -- a private server: restart ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Server:
+    def __init__(self, store: Path, *extra: str) -> None:
+        self.port = _free_port()
+        self.store = store
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
+             str(self.store), *self.extra], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), 0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the private nats-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[_Server]:
+    server = _Server(tmp_path / "js")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.mark.asyncio
+class TestAuthentication:
+    @pytest.mark.parametrize(
+        ("flags", "good", "bad"),
+        [
+            (("--user", "alice", "--pass", "s3cret"), "alice:s3cret@", "alice:wrong@"),
+            (("--auth", "t0ken"), "t0ken@", "n0pe@"),
+        ],
+        ids=["user-password", "token"],
+    )
+    async def test_credentials_from_the_url(
+        self, tmp_path: Path, flags: tuple[str, ...], good: str, bad: str
+    ) -> None:
+        server = _Server(tmp_path / "js", *flags)
+        server.start()
+        try:
+            host = f"127.0.0.1:{server.port}?stream=AUTH&prefix=auth&connect_timeout=1"
+            bus = create_bus(f"nats://{good}{host}")
+            got: list[Event] = []
+
+            async def handler(event: Event) -> None:
+                got.append(event)
+
+            try:
+                await bus.subscribe("a.>", handler, group="g")
+                event = Event(type="a.b")
+                await bus.publish(event)
+                await _until(lambda: got == [event], what="the event over an authenticated "
+                             "connection")
+            finally:
+                await bus.close()
+            refused = create_bus(f"nats://{bad}{host}")
+            try:
+                with pytest.raises(PublishError) as error:
+                    await refused.publish(Event(type="a.b"))
+                secret = bad.rstrip("@").split(":")[-1]
+                assert secret not in str(error.value)
+            finally:
+                await refused.close()
+        finally:
+            server.kill()
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (the cert is its own CA)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.asyncio
+async def test_tls_url_with_a_private_ca(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server = _Server(tmp_path / "js", "--tls", "--tlscert", str(cert), "--tlskey", str(key))
+    server.start()
+    try:
+        bus = create_bus(f"tls://127.0.0.1:{server.port}?stream=TLS&prefix=tls&tls_ca={cert}")
+        got: list[Event] = []
+
+        async def handler(event: Event) -> None:
+            got.append(event)
+
+        try:
+            await bus.subscribe("a.>", handler, group="g")
+            event = Event(type="a.b")
+            await bus.publish(event)
+            await _until(lambda: got == [event], what="the event over TLS")
+        finally:
+            await bus.close()
+        untrusted = create_bus(f"tls://127.0.0.1:{server.port}?connect_timeout=1")
+        try:
+            with pytest.raises(PublishError, match="cannot connect"):
+                await untrusted.publish(Event(type="a.b"))
+        finally:
+            await untrusted.close()
+    finally:
+        server.kill()
+
+
+@pytest.mark.asyncio
+class TestRestart:
+    async def test_publish_fails_clearly_then_recovers_and_groups_resume(
+        self, private_server: _Server
+    ) -> None:
+        url = f"{private_server.url}?stream=RESTART&prefix=rs&publish_timeout=1"
+        publisher, consumer = create_bus(url), create_bus(url)
+        handled: list[str] = []
+
+        async def handler(event: Event) -> None:
+            handled.append(str(event.id))
+
+        try:
+            await consumer.subscribe("job.>", handler, group="workers", ack_timeout=2.0)
+            before = [Event(type="job.before", payload={"n": n}) for n in range(20)]
+            await publisher.publish_many(before)
+            await _until(lambda: len(handled) >= 20, what="the events before the restart")
+            await asyncio.sleep(1.0)  # let the (unawaited) acks reach the server's store
+
+            private_server.kill()
+            with pytest.raises(PublishError) as refused:
+                await publisher.publish(Event(type="job.lost"))
+            text = str(refused.value)
+            assert "not accepted" in text, text
+            assert "no PubAck within 1 s" in text, text
+
+            private_server.start()
+            after = [Event(type="job.after", payload={"n": n}) for n in range(20)]
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    await publisher.publish_many(after)
+                    break
+                except PublishError:
+                    assert time.monotonic() < deadline, "publishing never recovered"
+                    await asyncio.sleep(0.2)
+            await _until(lambda: {str(e.id) for e in after} <= set(handled), 30,
+                         what="the running subscriber to resume after the restart")
+            await asyncio.sleep(2.5)  # past ack_timeout: acked events must not come back
+            assert sorted(handled) == sorted(str(e.id) for e in before + after)
+        finally:
+            await consumer.close(timeout=2)
+            await publisher.close(timeout=2)
+
+        # A new member of the group after the restart: nothing acknowledged comes back.
+        late: list[str] = []
+
+        async def late_handler(event: Event) -> None:
+            late.append(str(event.id))
+
+        again = create_bus(url)
+        try:
+            await again.subscribe("job.>", late_handler, group="workers", ack_timeout=2.0)
+            last = Event(type="job.last")
+            await again.publish(last)
+            await _until(lambda: str(last.id) in late, what="the event after rejoining")
+            await asyncio.sleep(0.5)
+            assert late == [str(last.id)]
+        finally:
+            await again.close(timeout=2)
+
+
+# -- a consumer process killed in the middle --------------------------------------------------
+
+_CONSUMER = textwrap.dedent('''
+    import asyncio, sys
+    from agentevents.plugins.registry import create_bus
+
+    async def main(url, out):
+        bus = create_bus(url)
+        with open(out, "a", buffering=1) as sink:
+            async def handler(event):
+                await asyncio.sleep(0.002)
+                sink.write(f"{event.payload['n']}\\n")
+            await bus.subscribe("fault.>", handler, group="fault-workers", start="earliest",
+                                ack_timeout=2.0, max_in_flight=8)
+            print("ready", flush=True)
+            await asyncio.Event().wait()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+''')
+
+
+@pytest.mark.asyncio
+class TestConsumerProcessKilled:
+    async def test_sigkill_in_the_middle_of_10000_events_loses_nothing(
+        self, tmp_path: Path
+    ) -> None:
+        total = 10_000
+        url = (f"{NATS_URL}?stream={STREAM}_FAULT&prefix={PREFIX}f"
+               f"&duplicate_window=30s&max_age=10m")
+        script = tmp_path / "consumer.py"
+        script.write_text(_CONSUMER)
+        out = tmp_path / "handled.txt"
+        out.touch()
+
+        def handled() -> list[int]:
+            return [int(line) for line in out.read_text().split()]
+
+        def start() -> subprocess.Popen[bytes]:
+            process = subprocess.Popen([sys.executable, str(script), url, str(out)],
+                                       stdout=subprocess.PIPE)
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == b"ready"
+            return process
+
+        publisher = create_bus(url)
+        first = second = None
+        try:
+            # Create the group first (start='earliest' for a new group), then publish.
+            first = start()
+            events = [Event(type="fault.item", payload={"n": n}) for n in range(total)]
+            await publisher.publish_many(events)
+            await _until(lambda: len(handled()) >= total // 5, 60, what="a fifth handled")
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            at_kill = len(set(handled()))
+            assert at_kill < total * 0.8, "the consumer was not killed in the middle"
+            second = start()
+            await _until(lambda: len(set(handled())) >= total, 60,
+                         what="every event after the restart")
+            assert set(handled()) == set(range(total)), "events were lost"
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    process.send_signal(signal.SIGKILL)
+                    process.wait()
+            await publisher.close()
+        duplicates = len(handled()) - total
+        print(f"killed after {at_kill} handled; {duplicates} redelivered duplicate(s)")
+        assert orjson.dumps(duplicates)  # at-least-once: duplicates are allowed
+
+
+# -- a private 3-node cluster: a node dies --------------------------------------------------
+
+
+class _Cluster:
+    def __init__(self, root: Path) -> None:
+        self.ports = [_free_port() for _ in range(3)]
+        self.routes = [_free_port() for _ in range(3)]
+        self.root = root
+        self.processes: list[subprocess.Popen[bytes] | None] = [None, None, None]
+
+    @property
+    def url(self) -> str:
+        return "nats://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self, index: int) -> None:
+        routes = ",".join(f"nats://127.0.0.1:{p}" for i, p in enumerate(self.routes)
+                          if i != index)
+        self.processes[index] = subprocess.Popen(
+            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.ports[index]), "-js", "-sd",
+             str(self.root / f"n{index}"), "-n", f"n{index}", "--cluster_name", "ae",
+             "--cluster", f"nats://127.0.0.1:{self.routes[index]}", "--routes", routes],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self, index: int) -> None:
+        process = self.processes[index]
+        if process is not None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            self.processes[index] = None
+
+
+@pytest.mark.asyncio
+class TestCluster:
+    async def test_replicated_stream_survives_the_loss_of_a_node(self, tmp_path: Path) -> None:
+        cluster = _Cluster(tmp_path)
+        for index in range(3):
+            cluster.start(index)
+        url = f"{cluster.url}?stream=CLUSTER&prefix=cl&replicas=3&publish_timeout=2"
+        handled: list[str] = []
+
+        async def handler(event: Event) -> None:
+            handled.append(str(event.id))
+
+        async def publish_until_accepted(bus: Bus, events: list[Event]) -> None:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await bus.publish_many(events)
+                    return
+                except PublishError:  # JetStream elects a (new) leader meanwhile
+                    assert time.monotonic() < deadline, "the cluster never accepted events"
+                    await asyncio.sleep(0.5)
+
+        publisher = consumer = None
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # the JetStream meta leader is elected a few seconds after start
+                publisher = create_bus(url)
+                try:
+                    await publisher.publish(Event(type="warm.up"))
+                    break
+                except PublishError:
+                    await publisher.close()
+                    assert time.monotonic() < deadline, "the cluster never became ready"
+                    await asyncio.sleep(0.5)
+            consumer = create_bus(url)
+            await consumer.subscribe("job.>", handler, group="workers", ack_timeout=3.0)
+            before = [Event(type="job.before", payload={"n": n}) for n in range(200)]
+            await publish_until_accepted(publisher, before)
+            await _until(lambda: len(set(handled)) >= 200, 30, what="events before the loss")
+            info = await _api(publisher, "STREAM.INFO.CLUSTER")
+            assert len(info["cluster"]["replicas"]) == 2, "the stream is not replicated 3 times"
+            leader = info["cluster"]["leader"]  # kill the stream's leader: a new one is elected
+            cluster.kill(int(leader.removeprefix("n")))
+            after = [Event(type="job.after", payload={"n": n}) for n in range(200)]
+            await publish_until_accepted(publisher, after)
+            expected = {str(e.id) for e in before + after}
+            await _until(lambda: expected <= set(handled), 60,
+                         what="every event after a node died")
+            assert set(handled) == expected
+        finally:
+            for bus in (consumer, publisher):
+                if bus is not None:
+                    await bus.close(timeout=2)
+            for index in range(3):
+                cluster.kill(index)
