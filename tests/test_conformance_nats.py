@@ -14,44 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from services import NATS_URL, probe_nats, require
 
 from agentevents.conformance_tests.test_bus import *  # noqa: F403
 
-NATS_URL = os.environ.get("AGENTEVENTS_NATS_URL", "nats://127.0.0.1:4222")
-
-
-async def _probe(url: str) -> None:
-    import nats
-
-    from agentevents.backends.nats.transport import NatsConfig
-
-    host, _, port = NatsConfig.from_url(url).servers[0].split("://", 1)[1].rpartition(":")
-    _reader, writer = await asyncio.open_connection(host, int(port))  # fails fast and clearly
-    writer.close()
-    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False,
-                            max_reconnect_attempts=0)
-    try:
-        await nc.jetstream().account_info()  # JetStream enabled?
-    finally:
-        await nc.close()
-
-
-def _check_reachable() -> None:
-    try:
-        asyncio.run(asyncio.wait_for(_probe(NATS_URL), 5))
-    except Exception as exc:
-        message = f"NATS NOT REACHABLE at {NATS_URL}: {exc!r}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message, allow_module_level=True)
-
-
-_check_reachable()
+require("NATS", NATS_URL, probe_nats)
 
 _SESSION = uuid.uuid4().hex[:10]
 STREAM = f"CONF_{_SESSION}"

@@ -1,0 +1,49 @@
+"""Reachability of the shared broker and database services the tests run against.
+
+A test module whose server cannot be reached skips loudly on a laptop and fails under
+``CI=true``, where every service must be up. Each module calls :func:`require` at import
+time with an async probe that raises when the service is unusable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+NATS_URL = os.environ.get("AGENTEVENTS_NATS_URL", "nats://127.0.0.1:4222")
+
+
+def require(name: str, where: str, probe: Callable[[], Awaitable[object]],
+            timeout: float = 5.0) -> None:
+    """Skip (laptop) or fail (``CI=true``) the calling module unless ``probe()`` succeeds."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(probe(), timeout)
+
+    try:
+        asyncio.run(bounded())
+    except Exception as exc:
+        message = f"{name} NOT REACHABLE at {where}: {exc!r}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+async def probe_nats(url: str = NATS_URL) -> None:
+    """Connects, and checks that JetStream is enabled."""
+    import nats
+
+    from agentevents.backends.nats.transport import NatsConfig
+
+    host, _, port = NatsConfig.from_url(url).servers[0].split("://", 1)[1].rpartition(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))  # fails fast and clearly
+    writer.close()
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False,
+                            max_reconnect_attempts=0)
+    try:
+        await nc.jetstream().account_info()
+    finally:
+        await nc.close()
