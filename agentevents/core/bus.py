@@ -376,6 +376,8 @@ class Subscription:
             await self._ack_wake.wait()
             self._ack_wake.clear()
             await self._flush_acks()
+            if self._stopping and not self._acks:
+                return  # stop() woke us for a last flush
 
     async def _flush_acks(self) -> None:
         while self._acks:
@@ -453,11 +455,16 @@ class Subscription:
                     await asyncio.wait(pending, timeout=1.0)
             unstarted = list(self._held)
             self._held.clear()
+            # The ack loop ends after a last flush rather than being cancelled mid-ack: some
+            # client libraries swallow a cancellation inside a network call. Both helpers
+            # are waited for with a bound, so such a library cannot hang stop().
             self._keeper.cancel()
-            self._acker.cancel()
-            for task in (self._keeper, self._acker):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            self._ack_wake.set()
+            _done, stuck = await asyncio.wait([self._keeper, self._acker], timeout=timeout)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=1.0)
             try:
                 await self._flush_acks()
                 if unstarted:
