@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 NATS_URL = os.environ.get("AGENTEVENTS_NATS_URL", "nats://127.0.0.1:4222")
+REDIS_URL = os.environ.get("AGENTEVENTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def require(name: str, where: str, probe: Callable[[], Awaitable[object]],
@@ -47,3 +48,34 @@ async def probe_nats(url: str = NATS_URL) -> None:
         await nc.jetstream().account_info()
     finally:
         await nc.close()
+
+
+async def probe_redis(url: str = REDIS_URL) -> None:
+    """Connects and PINGs."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+def delete_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``<prefix>:`` on a shared Redis (SCAN + DEL, never a flush)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        deleted = 0
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += int(client.delete(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(client.delete(*batch))
+        return deleted
+    finally:
+        client.close()
