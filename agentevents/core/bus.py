@@ -6,8 +6,9 @@ runs a :class:`Subscription`, which owns, for every backend alike:
 
 * decoding (bad bytes or invalid events go to the dead-letter destination, then are acked);
 * the pattern check (a backend may over-deliver; non-matching messages are acked unseen);
-* per-key ordering: events with the same ``key`` run one at a time, in arrival order;
-  events without a key run concurrently;
+* per-key ordering: events with the same ``key`` run one at a time, in arrival order (a
+  worker takes a key's lane and runs it to its end); events without a key, and different
+  keys, run concurrently on up to ``max_in_flight`` workers;
 * backpressure: at most ``max_in_flight`` messages received and not yet acknowledged;
 * retries: a handler that raises is retried on the same member with exponential backoff
   up to ``max_attempts`` (counting the broker's earlier deliveries), then the event is
@@ -152,8 +153,10 @@ class Subscription:
         self._options = options
         self._in_flight = 0
         self._slot_free = asyncio.Event()
-        self._unkeyed: deque[tuple[InboundMessage, Event]] = deque()
+        # Work for the workers: an unkeyed message, or the key of a lane to run to its end.
+        self._ready: deque[tuple[InboundMessage, Event] | str] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()
+        self._waking = False  # a worker was woken (or started) and has not run yet
         self._workers: set[asyncio.Task[None]] = set()
         self._lanes: dict[str, deque[tuple[InboundMessage, Event]]] = {}
         self._lane_tasks: set[asyncio.Task[None]] = set()
@@ -209,7 +212,7 @@ class Subscription:
                                   message.topic)
                     self._track(message)
                     self._spawn(self._dead_letter(message, None, exc, message.delivery_count))
-            if self._unkeyed:
+            if self._ready:
                 self._wake_worker()
 
     def _dispatch(self, message: InboundMessage) -> None:
@@ -227,14 +230,14 @@ class Subscription:
         self._track(message)
         key = event.key
         if key is None:
-            self._unkeyed.append((message, event))
+            self._ready.append((message, event))
             return
         lane = self._lanes.get(key)
         if lane is not None:
             lane.append((message, event))
             return
         self._lanes[key] = deque([(message, event)])
-        self._spawn(self._run_lane(key))
+        self._ready.append(key)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -249,24 +252,30 @@ class Subscription:
     def _wake_worker(self) -> None:
         """Wake one idle worker, or start one while fewer than ``max_in_flight`` exist.
 
-        Workers wake each other in a chain (a worker that takes an item while more are
-        queued wakes the next), so a burst costs one wake-up per worker that is actually
-        needed, not one per message: fast handlers drain a batch on one worker, slow ones
-        fan out to ``max_in_flight`` concurrent workers.
+        Workers wake each other in a chain: a worker that takes an item while more are
+        queued wakes the next, and only while no woken worker is still waiting to run. So a
+        burst costs one wake-up per worker that actually gets to work, not one per message:
+        fast handlers drain a batch on one worker, slow ones (that await) fan out to
+        ``max_in_flight`` concurrent workers.
         """
+        if self._waking:
+            return
         while self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self._waking = True
                 return
         if len(self._workers) < self._options.max_in_flight:
-            task = asyncio.create_task(self._unkeyed_worker(), name="agentevents-worker")
+            task = asyncio.create_task(self._worker(), name="agentevents-worker")
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
+            self._waking = True
 
-    async def _unkeyed_worker(self) -> None:
-        queue = self._unkeyed
+    async def _worker(self) -> None:
+        queue = self._ready
         loop = asyncio.get_running_loop()
+        self._waking = False  # started: the next wake-up may go to another worker
         while True:
             if not queue:
                 if self._stopping:
@@ -274,11 +283,15 @@ class Subscription:
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._idle.append(waiter)
                 await waiter
+                self._waking = False
                 continue
-            message, event = queue.popleft()
+            item = queue.popleft()
             if queue:
                 self._wake_worker()
-            await self._handle(message, event)
+            if isinstance(item, str):
+                await self._run_lane(item)
+            else:
+                await self._handle(*item)
 
     async def _run_lane(self, key: str) -> None:
         lane = self._lanes[key]
@@ -438,7 +451,7 @@ class Subscription:
             # Queued work that no handler has started is dropped from the queues (it is
             # still held, so it is handed back below); each key lane keeps only its head,
             # which may be running already and is let finish. Idle workers are released.
-            self._unkeyed.clear()
+            self._ready.clear()
             for lane in self._lanes.values():
                 while len(lane) > 1:
                     lane.pop()
