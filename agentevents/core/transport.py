@@ -31,6 +31,8 @@ message is held longer than a fraction of ``ack_timeout``.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,6 +52,7 @@ __all__ = [
     "Receiver",
     "StartPosition",
     "Transport",
+    "durable_name",
 ]
 
 StartPosition = Literal["latest", "earliest"]
@@ -243,3 +246,17 @@ class Transport(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections; receivers already closed by the core."""
+
+
+def durable_name(group: str, pattern: str, *, length: int = 32,
+                 unsafe: str = r"[^A-Za-z0-9_]") -> str:
+    """A broker-safe, collision-free name for the consumer of ``(group, pattern)``.
+
+    The group name with every character matching ``unsafe`` replaced by ``_`` (cut to
+    ``length``, for people reading broker listings), then ``_`` and 12 hex digits of a hash
+    of both ``group`` and ``pattern``: two patterns of one group are two consumers, and two
+    groups that sanitise alike still differ.
+    """
+    digest = hashlib.sha256(f"{group}\x00{pattern}".encode()).hexdigest()[:12]
+    readable = re.sub(unsafe, "_", group).strip("_")[:length]
+    return f"{readable}_{digest}" if readable else digest

@@ -98,6 +98,7 @@ from agentevents.core.transport import (
     OutboundMessage,
     Receiver,
     Transport,
+    durable_name,
 )
 from agentevents.core.urls import redact_url
 
@@ -150,9 +151,7 @@ def _safe_token(text: str, length: int = 24) -> str:
 
 def consumer_name(group: str, pattern: str) -> str:
     """The durable consumer name of ``group`` on ``pattern`` (valid, collision-free)."""
-    digest = hashlib.sha256(f"{group}\x00{pattern}".encode()).hexdigest()[:12]
-    readable = _UNSAFE.sub("_", group).strip("_")[:32]
-    return f"{readable}_{digest}" if readable else digest
+    return durable_name(group, pattern)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ Key layout (plain Redis types, readable by any client; nothing is pickled):
     ``body_base64`` is ``true``).
 
 Groups: an agentevents group is ``(group, pattern)``; its Redis consumer-group name is the
-sanitised group name, ``~``, and a hash of both (``orders-a1b2c3d4e5f6``). The consumer
+sanitised group name, ``_``, and a hash of both (``orders_a1b2c3d4e5f6``). The consumer
 group is created on every matching stream (``XGROUP CREATE ... MKSTREAM``): at ``$``
 (latest) or ``0`` (earliest) on the streams that exist when the group is first created,
 and at the group's recorded start id on streams discovered later, so nothing published to
@@ -94,7 +94,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import re
 import time
@@ -121,6 +120,7 @@ from agentevents.core.transport import (
     OutboundMessage,
     Receiver,
     Transport,
+    durable_name,
 )
 from agentevents.core.urls import redact_url
 
@@ -243,9 +243,7 @@ class RedisBusConfig:
 
 def group_name(group: str, pattern: str) -> str:
     """The Redis consumer-group name of agentevents group ``(group, pattern)``."""
-    digest = hashlib.sha256(f"{group}\0{pattern}".encode()).hexdigest()[:12]
-    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", group)[:48]
-    return f"{clean}~{digest}"
+    return durable_name(group, pattern, length=48, unsafe=r"[^A-Za-z0-9_.-]")
 
 
 def _text(value: Any) -> str:
