@@ -17,6 +17,11 @@ order holds in a group of many members too (``ordered_per_key``), and a group wi
 member never waits. A handed-back (nacked) keyed entry goes to the front of its key's
 backlog, ahead of the key's later entries.
 
+Events are delivered as the very :class:`~agentevents.core.event.Event` objects published
+(immutable models; nothing is copied or encoded). Their ``payload`` and ``metadata`` are
+plain dicts shared by every group: handlers must treat them as read-only, as they would a
+message from any broker.
+
 URL options: ``?max_payload_bytes=N`` (default: no limit, events never leave the process
 and are never encoded; set it to your production broker's limit, e.g. 1048576 for NATS, to
 catch oversize events early) and ``?max_retained=N`` (default unlimited: trim the oldest
