@@ -29,6 +29,13 @@ type, by source over a time range (an agent's timeline), by correlation id and b
 ``{prefix}snapshots``: ``stream_id`` (PK), ``stream_version``, ``state`` (JSON text),
 ``time_us``.
 
+``{prefix}outbox``: ``position`` (PK), one row per appended event still to be published by
+the outbox relay, written in the append's own transaction and deleted once the bus has
+acknowledged the event (only for stores with the outbox turned on).
+
+``{prefix}relay_lease``: ``name`` (PK), ``owner``, ``fence``, ``expires_us``: which relay
+process is the active one, until when, and a fencing number that grows on every takeover.
+
 On MySQL/MariaDB the tables are InnoDB, ``utf8mb4`` with the binary collation, so ids and
 names compare exactly (not case-insensitively) and any Unicode text fits.
 """
@@ -79,11 +86,13 @@ class Tables:
     metadata: MetaData
     events: Table
     snapshots: Table
+    outbox: Table
+    relay_lease: Table
 
 
 @lru_cache(maxsize=64)
 def tables(prefix: str = DEFAULT_TABLE_PREFIX) -> Tables:
-    """The tables named ``{prefix}events`` and ``{prefix}snapshots``."""
+    """The tables of ``prefix``: events, snapshots, outbox and relay_lease."""
     if not _PREFIX.match(prefix):
         raise ConfigurationError(
             f"table prefix {prefix!r} is not allowed: use at most 40 lower-case letters, "
@@ -125,4 +134,22 @@ def tables(prefix: str = DEFAULT_TABLE_PREFIX) -> Tables:
         Column("time_us", BigInteger, nullable=False),
         **_MYSQL_OPTIONS,
     )
-    return Tables(metadata=metadata, events=events, snapshots=snapshots)
+    outbox = Table(
+        f"{prefix}outbox",
+        metadata,
+        Column("position", BigInteger, primary_key=True, autoincrement=False),
+        **_MYSQL_OPTIONS,
+    )
+    relay_lease = Table(
+        f"{prefix}relay_lease",
+        metadata,
+        Column("name", String(64), primary_key=True),
+        Column("owner", String(128), nullable=False),
+        Column("fence", BigInteger, nullable=False),
+        Column("expires_us", BigInteger, nullable=False),
+        **_MYSQL_OPTIONS,
+    )
+    return Tables(
+        metadata=metadata, events=events, snapshots=snapshots, outbox=outbox,
+        relay_lease=relay_lease,
+    )
