@@ -25,15 +25,22 @@ their ``id`` is a UUID (agentevents' idempotency key) and their ``data`` a JSON 
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal
 from uuid import UUID
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentevents.core.errors import EventValidationError
-from agentevents.core.event import RESERVED_METADATA_KEYS, Event
+from agentevents.core.event import (
+    EVENT_TYPE_PATTERN,
+    METADATA_KEY_PATTERN,
+    RESERVED_METADATA_KEYS,
+    Event,
+    construct_checked,
+)
 
 __all__ = ["decode_event", "encode_event", "from_cloudevent", "to_cloudevent"]
 
@@ -41,6 +48,55 @@ SPECVERSION = "1.0"
 CONTENT_TYPE = "application/cloudevents+json"
 _ORJSON_OPTIONS = orjson.OPT_UTC_Z
 _CORE = frozenset({"specversion", "id", "source", "type", "time", "datacontenttype", "data"})
+_METADATA_KEY = re.compile(METADATA_KEY_PATTERN)
+
+
+class _WireEvent(BaseModel):
+    """The fast path of :func:`decode_event`: a CloudEvent as :func:`encode_event` writes it,
+    parsed and checked by pydantic-core in one pass straight from the bytes.
+
+    Its constraints are :class:`Event`'s, under the CloudEvents names; extension
+    attributes land in ``model_extra``. Whatever it refuses, or accepts only loosely, is
+    decoded again on the full path, which has the final word and the error messages.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    specversion: Literal["1.0"]
+    id: UUID
+    type: str = Field(pattern=EVENT_TYPE_PATTERN, max_length=255)
+    source: str = Field(min_length=1, max_length=255)
+    time: datetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    schemaversion: int = Field(default=1, ge=1, strict=True)
+    correlationid: str | None = Field(default=None, max_length=255)
+    causationid: str | None = Field(default=None, max_length=255)
+    partitionkey: str | None = Field(default=None, max_length=255)
+    data: dict[str, Any] | None = None
+
+
+def _from_wire(body: bytes | bytearray | memoryview | str) -> Event | None:
+    """The event of ``body`` through :class:`_WireEvent`, or ``None`` to take the full path."""
+    try:
+        wire = _WireEvent.model_validate_json(body)
+    except (ValidationError, ValueError):
+        return None
+    time = wire.time
+    if time.tzinfo is None or time.utcoffset() is None:
+        return None
+    metadata: dict[str, str] = {}
+    for name, value in (wire.model_extra or {}).items():
+        if name in RESERVED_METADATA_KEYS:
+            continue
+        if type(value) is not str or not _METADATA_KEY.match(name):
+            return None
+        metadata[name] = value
+    return construct_checked(
+        wire.id, wire.type, wire.schemaversion,
+        time if time.tzinfo is UTC else time.astimezone(UTC),
+        wire.source, wire.correlationid, wire.causationid, wire.partitionkey,
+        wire.data if wire.data is not None else {}, metadata,
+    )
 
 
 def _attributes(event: Event, id: Any, time: Any) -> dict[str, Any]:
@@ -125,6 +181,9 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(body: bytes | bytearray | memoryview | str) -> Event:
     """Parse wire bytes back into an :class:`Event`; raises :class:`EventValidationError`."""
+    event = _from_wire(body)
+    if event is not None:
+        return event
     try:
         ce = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

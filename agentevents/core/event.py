@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, Final, Self
 from uuid import UUID
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from uuid_utils.compat import uuid7
 
-__all__ = ["EVENT_TYPE_PATTERN", "METADATA_KEY_PATTERN", "Event", "new_event_id", "utcnow"]
+__all__ = [
+    "EVENT_TYPE_PATTERN",
+    "METADATA_KEY_PATTERN",
+    "Event",
+    "construct_checked",
+    "new_event_id",
+    "utcnow",
+]
 
 #: Dotted lower-case event type names, e.g. ``code.deployment.completed``.
 EVENT_TYPE_PATTERN = r"^[a-z0-9_]+(\.[a-z0-9_]+)*$"
@@ -114,3 +121,42 @@ class Event(BaseModel):
     def with_changes(self, **changes: Any) -> Self:
         """A validated copy with some fields changed (events themselves never change)."""
         return self.model_validate({**self.model_dump(), **changes})
+
+
+_ALL_FIELDS: Final = frozenset(Event.model_fields)
+_new = object.__new__
+_set = object.__setattr__
+
+
+def construct_checked(
+    id: UUID,
+    type: str,
+    version: int,
+    time: datetime,
+    source: str,
+    correlation_id: str | None,
+    causation_id: str | None,
+    key: str | None,
+    payload: dict[str, Any],
+    metadata: dict[str, str],
+) -> Event:
+    """An :class:`Event` made of values that have *already passed* every rule
+    :class:`Event` checks (types, patterns, lengths, aware UTC time, JSON payload, metadata
+    names), without validating them a second time.
+
+    For the decoders on hot paths only: the codec, after pydantic validated the wire
+    document, and stores reading back rows they validated when writing them. The result
+    equals, field for field, what ``Event.model_validate`` makes of the same values
+    (``tests/test_event.py`` holds the two together); everything else must go through
+    validation.
+    """
+    event = _new(Event)
+    _set(event, "__dict__", {
+        "id": id, "type": type, "version": version, "time": time, "source": source,
+        "correlation_id": correlation_id, "causation_id": causation_id, "key": key,
+        "payload": payload, "metadata": metadata,
+    })
+    _set(event, "__pydantic_fields_set__", set(_ALL_FIELDS))
+    _set(event, "__pydantic_extra__", None)
+    _set(event, "__pydantic_private__", None)
+    return event
