@@ -158,7 +158,11 @@ class Bench:
         await self._drop(stream)
         return self.n / elapsed
 
-    async def raw_push(self) -> float:
+    async def raw_push(self, decode: bool = False) -> float:
+        """Push callback + ack; ``decode``: also ``decode_event`` each body, as any
+        consumer of these events must (the bare baseline decodes nothing)."""
+        from agentevents.core.codec import decode_event
+
         nc, stream, prefix = await self._raw_stream()
         await self._fill_raw(nc, prefix)
         js = nc.jetstream()
@@ -167,6 +171,8 @@ class Bench:
 
         async def on(msg: Msg) -> None:
             nonlocal seen
+            if decode:
+                decode_event(msg.data)
             await msg.ack()
             seen += 1
             if seen == self.n:
@@ -240,11 +246,14 @@ async def main() -> None:
     ae_con = await _median(bench.ae_consume, args.repeat)
     raw_pull = await _median(bench.raw_pull, args.repeat)
     raw_push = await _median(bench.raw_push, args.repeat)
+    raw_push_decode = await _median(lambda: bench.raw_push(decode=True), args.repeat)
     print(f"consume   agentevents group         {ae_con:10,.0f} ev/s")
     print(f"consume   raw pull fetch(256)+ack   {raw_pull:10,.0f} ev/s   ratio "
           f"{ae_con / raw_pull:.2f}")
     print(f"consume   raw push cb+ack           {raw_push:10,.0f} ev/s   ratio "
           f"{ae_con / raw_push:.2f}")
+    print(f"consume   raw push cb+decode+ack    {raw_push_decode:10,.0f} ev/s   ratio "
+          f"{ae_con / raw_push_decode:.2f}")
     p50, p99, worst = await bench.e2e_latency(args.rate, args.seconds)
     print(f"e2e at {args.rate} ev/s for {args.seconds:g} s: p50 {p50:.2f} ms, "
           f"p99 {p99:.2f} ms, max {worst:.2f} ms")
