@@ -78,7 +78,8 @@ class _WireEvent(BaseModel):
 def _from_wire(body: bytes | bytearray | memoryview | str) -> Event | None:
     """The event of ``body`` through :class:`_WireEvent`, or ``None`` to take the full path."""
     try:
-        wire = _WireEvent.model_validate_json(body)
+        wire = _WireEvent.model_validate_json(
+            bytes(body) if isinstance(body, memoryview) else body)
     except (ValidationError, ValueError):
         return None
     time = wire.time
