@@ -1,7 +1,18 @@
 """The Redis Streams bus backend (``redis://``, ``rediss://``): plugin hook only.
 
-Importing this module is cheap: ``redis`` is imported by the factory, when a bus is
-created. The transport and its stream layout are documented in
+One URL form serves a single server and a Redis Cluster::
+
+    redis://[[user]:password@]host[:port][/db][?prefix=agentevents&cluster=auto&...]
+    rediss://...?ssl_ca_certs=ca.pem&ssl_certfile=client.pem&ssl_keyfile=client.key
+
+``cluster=auto`` (the default) asks the server once (``INFO cluster``): a URL naming any
+node of a cluster works as it is, and the other nodes are found from it. ``cluster=true``
+or ``false`` skips the question. On a cluster every key of a namespace carries the hash tag
+``{<prefix>}`` (``{agentevents}:stream:order.placed``), so a namespace lives in one slot:
+multi-stream reads and pipelines stay on one node, and a cluster spreads namespaces, not
+event types, over its nodes. ``rediss://`` is TLS, with the certificate options redis-py's
+URLs use. Importing this module is cheap: ``redis`` is imported by the factory, when a bus
+is created. The options, the key layout and the trade-offs are documented in
 :mod:`agentevents.backends.redis.transport`.
 """
 
@@ -25,7 +36,7 @@ def _create(url: str) -> Transport:
 
 @hookimpl
 def agentevents_bus_backends() -> list[BackendInfo]:
-    """The Redis Streams bus: ``redis://`` and ``rediss://`` (TLS)."""
+    """The Redis Streams bus: ``redis://`` and ``rediss://`` (TLS), one server or a cluster."""
     return [
         BackendInfo(
             name="redis",
@@ -34,6 +45,7 @@ def agentevents_bus_backends() -> list[BackendInfo]:
             factory=_create,
             requires=("redis",),
             extra="redis",
-            description="Redis Streams: consumer groups, XAUTOCLAIM redelivery (Redis >= 6.2)",
+            description="Redis Streams: consumer groups, XAUTOCLAIM redelivery (Redis >= 6.2); "
+            "single server or Redis Cluster",
         )
     ]

@@ -3,19 +3,30 @@
 URL::
 
     redis://[[user]:password@]host[:port][/db][?prefix=agentevents&maxlen=N
-            &socket_timeout=5&max_payload_bytes=1048576]
-    rediss://...   (TLS)
+            &socket_timeout=5&max_payload_bytes=1048576&cluster=auto]
+    rediss://...[?ssl_ca_certs=ca.pem&ssl_certfile=client.pem&ssl_keyfile=client.key
+                 &ssl_cert_reqs=required]   (TLS)
 
 * ``prefix`` (default ``agentevents``): every key this backend touches starts with
-  ``<prefix>:``, so several applications (or test runs) share one server.
+  ``<prefix>:`` (``{<prefix>}:`` on a cluster), so several applications (or test runs)
+  share one server. No spaces, glob characters (``*?[]``) or braces.
 * ``maxlen`` (default: unbounded): ``XADD ... MAXLEN ~ N`` on every event stream. Entries
   trimmed before a group read them are skipped by that group, as Redis does.
 * ``socket_timeout`` (seconds, default 5): connect and command timeout.
 * ``max_payload_bytes`` (default 1 MiB, at most 512 MiB, Redis' own bulk-string limit):
   the largest encoded event ``publish`` accepts (:class:`PayloadTooLargeError` above it).
   Big payloads belong in object storage; raise it if your events really are larger.
+* ``cluster`` (``auto``, the default; ``true``; ``false``): whether the server is a Redis
+  Cluster, see *Redis Cluster* below. ``auto`` asks the server once (``INFO cluster``)
+  before the first command.
+* TLS (``rediss://`` only; the names redis-py's own URLs use): ``ssl_ca_certs``, a PEM file
+  of the CAs to trust (default: the system's); ``ssl_certfile`` and ``ssl_keyfile``, a
+  client certificate and its key, for servers that require one (``redis-server``'s
+  ``tls-auth-clients yes``, its default); ``ssl_cert_reqs`` (``required``, the default;
+  ``none`` turns verification off: tests only).
 
-Key layout (plain Redis types, readable by any client; nothing is pickled):
+Key layout (plain Redis types, readable by any client; nothing is pickled; on a cluster
+every ``<prefix>`` below is ``{<prefix>}``, see *Redis Cluster*):
 
 ``<prefix>:stream:<event type>``
     One stream per event type. Each entry has flat fields: ``id`` (event id), ``type``,
@@ -83,6 +94,32 @@ acceptance (durability beyond that is the server's ``appendonly``/``appendfsync`
 setting). Concurrent ``publish`` calls are coalesced: while one pipeline is in flight the
 next calls collect, and go together in the next one; an idle publisher sends at once.
 
+Redis Cluster: the URL names any one node (``redis://node1:6379``); with ``cluster=auto``
+the transport sees ``cluster_enabled:1`` and switches to redis-py's ``RedisCluster``, which
+finds the other nodes and follows ``MOVED``/``ASK`` redirects. Only ``db`` 0 exists there.
+Every key of one namespace carries the hash tag ``{<prefix>}``::
+
+    {agentevents}:stream:<event type>   {agentevents}:types
+    {agentevents}:groups                {agentevents}:deadletter
+
+so they all hash to one slot, on one node (and its replicas), and everything above works
+unchanged: a wildcard member reads all its streams with one ``XREADGROUP``, a publish
+pipeline (``SADD`` + ``XADD``) and every settle pipeline go to one node, and entries of
+all streams get their ids from one clock, so the cross-stream ordering holds. The price:
+one namespace is as fast as one node, and the cluster spreads *namespaces* (prefixes), not
+event types, over its nodes. The alternative, a tag per event type, would spread a
+namespace's streams over the nodes, but a wildcard member could no longer read its streams
+with one command (a multi-key ``XREADGROUP`` must stay in one slot): it would need one
+blocking read per slot, so a connection per slot per member, publish pipelines split per
+node, and a merge of entries stamped by different clocks. A single Redis node appends
+hundreds of thousands of stream entries a second, more than an agent bus needs; a cluster
+is there for failover (replicas) and for sharing one deployment between many namespaces.
+Reads (``XREADGROUP``, ``XREAD``, ``TIME``) are sent straight to the node that owns the
+namespace's slot: redis-py would otherwise ask the server for the keys of every
+``XREADGROUP`` (``COMMAND GETKEYS``), a second round trip per read. The single-node layout
+has no braces (``agentevents:stream:...``); moving a namespace between a single server and
+a cluster means renaming its keys.
+
 Capabilities: ``ordered_per_key`` is false: the members of a group share each stream, so
 two members may hold events of one key at once (a lone member keeps publish order, see
 above; the core runs each key one at a time inside a member). No broker-side dedupe
@@ -95,14 +132,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
 from agentevents.core.deadletter import DeadLetter
 from agentevents.core.errors import (
@@ -143,8 +182,17 @@ NO_STREAM_POLL = 0.1
 _MAX_SEQ = 18446744073709551615
 #: Idle time given to an entry handed back with no delay: any member's XAUTOCLAIM takes it.
 _HANDED_BACK_IDLE_MS = 10**12
-_KNOWN_OPTIONS = ("prefix", "maxlen", "socket_timeout", "max_payload_bytes")
-_CLIENT_ERRORS = (redis_errors.RedisError, OSError)
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_KNOWN_OPTIONS = ("prefix", "maxlen", "socket_timeout", "max_payload_bytes", "cluster",
+                  *_TLS_OPTIONS)
+_SWITCHES = {"auto": None, "true": True, "yes": True, "1": True, "false": False, "no": False,
+             "0": False}
+_CERT_REQS = ("required", "optional", "none")
+#: Connections per cluster node; every member blocked in a read holds one (a single-node
+#: client's pool has no limit either).
+_CLUSTER_MAX_CONNECTIONS = 1 << 16
+#: ``RedisClusterException`` (no slot covered, cluster mode off, ...) is no ``RedisError``.
+_CLIENT_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +209,12 @@ class RedisBusConfig:
     maxlen: int | None = None
     socket_timeout: float = 5.0
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    #: Redis Cluster (hash-tagged keys, cluster client); ``None``: ask the server.
+    cluster: bool | None = None
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: str = "required"
     #: The URL with its password replaced by ``***``: for messages and reprs.
     display_url: str = "redis://127.0.0.1:6379/0"
 
@@ -189,11 +243,44 @@ class RedisBusConfig:
         except ValueError as exc:
             raise ConfigurationError(f"Redis bus URL {shown!r}: {exc}") from exc
         prefix = query.get("prefix", "agentevents")
-        if not prefix or re.search(r"[\s*?\[\]]", prefix):
+        if not prefix or re.search(r"[\s*?\[\]{}]", prefix):
             raise ConfigurationError(
-                f"Redis bus URL {shown!r}: prefix must be non-empty, without spaces or "
-                "glob characters (*?[])"
+                f"Redis bus URL {shown!r}: prefix must be non-empty, without spaces, "
+                "glob characters (*?[]) or braces ({} make the cluster hash tag)"
             )
+        switch = query.get("cluster", "auto").lower()
+        if switch not in _SWITCHES:
+            raise ConfigurationError(
+                f"Redis bus URL {shown!r}: cluster must be auto, true or false, "
+                f"not {query['cluster']!r}"
+            )
+        cluster = _SWITCHES[switch]
+        if cluster and db != 0:
+            raise ConfigurationError(
+                f"Redis bus URL {shown!r}: a Redis Cluster has only db 0"
+            )
+        tls_options = {name: query[name] for name in _TLS_OPTIONS if name in query}
+        if tls_options and scheme != "rediss":
+            raise ConfigurationError(
+                f"Redis bus URL {shown!r}: {', '.join(sorted(tls_options))} need(s) "
+                "rediss:// (TLS)"
+            )
+        cert_reqs = tls_options.get("ssl_cert_reqs", "required").lower()
+        if cert_reqs not in _CERT_REQS:
+            raise ConfigurationError(
+                f"Redis bus URL {shown!r}: ssl_cert_reqs must be one of "
+                f"{', '.join(_CERT_REQS)}"
+            )
+        if "ssl_keyfile" in tls_options and "ssl_certfile" not in tls_options:
+            raise ConfigurationError(
+                f"Redis bus URL {shown!r}: ssl_keyfile needs ssl_certfile"
+            )
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if name in tls_options and not os.path.isfile(tls_options[name]):
+                raise ConfigurationError(  # the key file's path is not shown: redacted
+                    f"Redis bus URL {shown!r}: {name} names no readable file"
+                    + ("" if name == "ssl_keyfile" else f" ({tls_options[name]!r})")
+                )
         if maxlen is not None and maxlen < 1:
             raise ConfigurationError(f"Redis bus URL {shown!r}: maxlen must be at least 1")
         if timeout <= 0:
@@ -216,29 +303,57 @@ class RedisBusConfig:
             maxlen=maxlen,
             socket_timeout=timeout,
             max_payload_bytes=limit,
+            cluster=cluster,
+            ssl_ca_certs=tls_options.get("ssl_ca_certs"),
+            ssl_certfile=tls_options.get("ssl_certfile"),
+            ssl_keyfile=tls_options.get("ssl_keyfile"),
+            ssl_cert_reqs=cert_reqs,
             display_url=shown,
         )
 
     # -- key names ----------------------------------------------------------------------
 
+    @property
+    def namespace(self) -> str:
+        """What every key starts with: ``<prefix>``, or ``{<prefix>}`` (one hash slot) on
+        a cluster."""
+        return f"{{{self.prefix}}}" if self.cluster else self.prefix
+
     def stream_key(self, topic: str) -> str:
         """The stream of one event type."""
-        return f"{self.prefix}:stream:{topic}"
+        return f"{self.namespace}:stream:{topic}"
 
     @property
     def types_key(self) -> str:
         """The SET of every published event type."""
-        return f"{self.prefix}:types"
+        return f"{self.namespace}:types"
 
     @property
     def groups_key(self) -> str:
         """The HASH of consumer groups and their start id on later streams."""
-        return f"{self.prefix}:groups"
+        return f"{self.namespace}:groups"
 
     @property
     def deadletter_key(self) -> str:
         """The dead-letter stream."""
-        return f"{self.prefix}:deadletter"
+        return f"{self.namespace}:deadletter"
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments that ``Redis`` and ``RedisCluster`` both take."""
+        options: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": self.socket_timeout + BLOCK_CAP,
+            "socket_connect_timeout": self.socket_timeout,
+            "decode_responses": False,
+        }
+        if self.tls:
+            options.update(ssl=True, ssl_ca_certs=self.ssl_ca_certs,
+                           ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+                           ssl_cert_reqs=self.ssl_cert_reqs)
+        return options
 
 
 def group_name(group: str, pattern: str) -> str:
@@ -300,17 +415,15 @@ class RedisTransport(Transport):
 
     def __init__(self, config: RedisBusConfig | None = None) -> None:
         self.config = config = config or RedisBusConfig()
-        self.client: aioredis.Redis = aioredis.Redis(
-            host=config.host,
-            port=config.port,
-            db=config.db,
-            username=config.username,
-            password=config.password,
-            ssl=config.tls,
-            socket_timeout=config.socket_timeout + BLOCK_CAP,
-            socket_connect_timeout=config.socket_timeout,
-            decode_responses=False,
-        )
+        #: The client: a ``RedisCluster`` once the server is known to be a cluster.
+        self.client: aioredis.Redis | RedisCluster
+        if config.cluster:
+            self.client = self._cluster_client()
+        else:
+            self.client = aioredis.Redis(db=config.db, **config.client_options())
+        #: Whether the mode is settled and a cluster client has its slot map.
+        self._ready = config.cluster is False
+        self._ready_lock = asyncio.Lock()
         self.capabilities = Capabilities(
             ordered_per_key=False,
             durable_groups=True,
@@ -330,6 +443,55 @@ class RedisTransport(Transport):
         """Build a transport from ``redis://...`` (see the module docstring)."""
         return cls(RedisBusConfig.from_url(url))
 
+    def _cluster_client(self) -> RedisCluster:
+        return RedisCluster(max_connections=_CLUSTER_MAX_CONNECTIONS,
+                            **self.config.client_options())
+
+    async def connect(self) -> None:
+        """Settle ``cluster=auto`` (one ``INFO cluster``) and, on a cluster, load its slot
+        map. Every entry point calls it; it only talks to the server the first time."""
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            config, client = self.config, self.client
+            if isinstance(client, RedisCluster):  # cluster=true
+                await client.initialize()
+                self._ready = True
+                return
+            try:
+                info = await client.info("cluster")
+            except redis_errors.ResponseError:  # INFO refused (ACL, renamed): not a cluster
+                info = {}
+            if info.get("cluster_enabled"):  # (a db other than 0 failed above: SELECT)
+                self.config = replace(config, cluster=True)
+                cluster = self._cluster_client()
+                try:
+                    await cluster.initialize()
+                except BaseException:
+                    self.config = config
+                    await cluster.aclose()
+                    raise
+                self.client = cluster
+                await client.aclose()
+            else:
+                self.config = replace(config, cluster=False)
+            self._ready = True
+
+    async def namespace_command(self, *args: Any) -> Any:
+        """Run a command whose keys are all this namespace's, on the node owning them.
+
+        On a cluster every key of the namespace is in one slot: the command goes straight
+        to that slot's node (redis-py would ask the server for the keys of commands such as
+        ``XREADGROUP`` first); a ``MOVED`` reply is still followed.
+        """
+        client: Any = self.client  # redis-py leaves Redis.execute_command untyped
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(self.config.types_key)
+            return await client.execute_command(*args, target_nodes=node)
+        return await client.execute_command(*args)
+
     def __repr__(self) -> str:
         return f"<RedisTransport {self.config.display_url}>"
 
@@ -343,6 +505,14 @@ class RedisTransport(Transport):
     async def send(self, messages: Sequence[OutboundMessage]) -> None:
         if not messages:
             return
+        if not self._ready:
+            try:
+                await self.connect()
+            except _CLIENT_ERRORS as exc:
+                raise PublishError(
+                    self.error(f"publishing {len(messages)} event(s)", exc)
+                    + "; nothing is lost by publishing again (event ids are idempotency keys)"
+                ) from exc
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((messages, future))
         if not self._sending:
@@ -455,6 +625,12 @@ class RedisTransport(Transport):
     async def open_receiver(self, spec: ConsumerSpec) -> Receiver:
         if self._closed:
             raise SubscribeError(f"{self!r} is closed")
+        try:
+            await self.connect()  # before the receiver copies the client and key names
+        except _CLIENT_ERRORS as exc:
+            raise SubscribeError(
+                self.error(f"subscribing to {spec.pattern.text!r}", exc)
+            ) from exc
         receiver: _StreamReceiver
         if spec.group is None:
             receiver = RedisEphemeralReceiver(self, spec)
@@ -469,8 +645,9 @@ class RedisTransport(Transport):
         return receiver
 
     async def server_ms(self) -> int:
-        """The Redis server's clock, in milliseconds (stream ids use it)."""
-        seconds, micros = await self.client.time()
+        """The clock of the Redis server holding the streams, in milliseconds (stream ids
+        use it)."""
+        seconds, micros = await self.namespace_command("TIME")
         return int(seconds) * 1000 + int(micros) // 1000
 
     # -- dead letters -------------------------------------------------------------------
@@ -478,6 +655,10 @@ class RedisTransport(Transport):
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
             return
+        try:
+            await self.connect()
+        except _CLIENT_ERRORS as exc:
+            raise BusError(self.error("writing dead letters", exc)) from exc
         pipe = self.client.pipeline(transaction=False)
         for letter in letters:
             fields: dict[str, str] = {}
@@ -497,6 +678,7 @@ class RedisTransport(Transport):
         out: list[DeadLetter] = []
         start = "-"
         try:
+            await self.connect()
             while len(out) < limit:
                 page = await self.client.xrange(self.config.deadletter_key, start, "+",
                                                 count=500)
@@ -524,6 +706,14 @@ class RedisTransport(Transport):
             with contextlib.suppress(Exception):
                 await flusher
         await self.client.aclose()
+
+
+def _read_options(count: int, block: float | None) -> list[Any]:
+    """``COUNT n [BLOCK ms]`` of an ``XREAD`` / ``XREADGROUP``."""
+    options: list[Any] = ["COUNT", count]
+    if block is not None:
+        options += ["BLOCK", max(1, int(block * 1000))]
+    return options
 
 
 def _fields(message: OutboundMessage) -> dict[Any, Any]:
@@ -784,11 +974,11 @@ class RedisReceiver(_StreamReceiver):
     async def _read(
         self, limit: int, block: float | None, only: list[str] | None = None
     ) -> tuple[list[InboundMessage], Order | None]:
-        block_ms = None if block is None else max(1, int(block * 1000))
+        keys = list(only or self._streams)
         try:
-            result = await self._client.xreadgroup(
-                self.group, self._consumer, dict.fromkeys(only or self._streams, ">"),
-                count=limit, block=block_ms,
+            result = await self._transport.namespace_command(
+                "XREADGROUP", "GROUP", self.group, self._consumer, *_read_options(limit, block),
+                "STREAMS", *keys, *([">"] * len(keys)),
             )
         except redis_errors.ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -927,9 +1117,11 @@ class RedisEphemeralReceiver(_StreamReceiver):
     async def _read(
         self, limit: int, block: float | None, only: list[str] | None = None
     ) -> tuple[list[InboundMessage], Order | None]:
-        block_ms = None if block is None else max(1, int(block * 1000))
-        streams = {key: self._streams[key] for key in only} if only else dict(self._streams)
-        result = await self._client.xread(streams, count=limit, block=block_ms)
+        keys = list(only or self._streams)
+        result = await self._transport.namespace_command(
+            "XREAD", *_read_options(limit, block), "STREAMS", *keys,
+            *(self._streams[key] for key in keys),
+        )
         return self._collect(result, limit, 1, self._streams.__setitem__)
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
