@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +24,10 @@ from typing import Any
 import orjson
 import pytest
 import pytest_asyncio
+from nats_servers import NATS_SERVER, self_signed_certificate
+from nats_servers import Server as _Server
+from nats_servers import free_port as _free_port
+from nats_servers import until as _until
 from services import NATS_URL, probe_nats, require
 
 from agentevents.backends.nats.transport import (
@@ -41,8 +43,6 @@ from agentevents.core.event import Event
 from agentevents.core.patterns import compile_pattern
 from agentevents.core.transport import ConsumerSpec
 from agentevents.plugins.registry import create_bus
-
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 require("NATS", NATS_URL, probe_nats)
 
@@ -91,14 +91,6 @@ async def _api(bus: Bus, subject: str, payload: dict[str, Any] | None = None) ->
     assert isinstance(transport, NatsTransport)
     nc = await transport._connect()
     return await transport._api(nc, subject, payload)
-
-
-async def _until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _unique() -> str:
@@ -363,43 +355,6 @@ class TestDeadLetterStream:
 # -- a private server: restart ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Server:
-    def __init__(self, store: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.store = store
-        self.extra = extra
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
-             str(self.store), *self.extra], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), 0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("the private nats-server did not start")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-            self.process = None
-
-
 @pytest.fixture
 def private_server(tmp_path: Path) -> Iterator[_Server]:
     server = _Server(tmp_path / "js")
@@ -454,15 +409,7 @@ class TestAuthentication:
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key (the cert is its own CA)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs openssl to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True)
-    return cert, key
+    return self_signed_certificate(tmp_path)
 
 
 @pytest.mark.asyncio

@@ -22,9 +22,17 @@ Options (defaults in brackets):
   bus reads it when it is built); after connecting, a smaller limit in the server's INFO
   is logged and enforced by ``send`` (``PayloadTooLargeError``).
 * ``publish_timeout`` [``5``] seconds to wait for a PubAck; ``connect_timeout`` [``5``].
-* ``token``: an auth token (alternative to ``token@host``); ``creds``: a NATS credentials
-  file (JWT + nkey seed); ``tls_ca``, ``tls_cert``,
-  ``tls_key``: PEM files for TLS (``tls://`` alone uses the system trust store).
+* ``token``: an auth token (alternative to ``token@host``); ``creds``: the path of a NATS
+  user credentials file (user JWT + nkey seed, as ``nsc generate creds`` writes it; needs
+  the ``nkeys`` package; percent-encode ``+``, ``&`` or ``#`` in the path). The file is
+  checked before connecting: a missing one or one without both blocks is a
+  ``BackendConnectionError`` naming the path, never its contents. ``tls_ca``, ``tls_cert``,
+  ``tls_key``: PEM files for TLS (``tls://`` alone uses the system trust store; with
+  ``tls_cert``/``tls_key`` the client presents a certificate, for servers with
+  ``verify: true``).
+* A server that refuses the credentials (``Authorization Violation``, an expired JWT) fails
+  the first connect at once, with what to check, instead of being retried until
+  ``connect_timeout``.
 * ``name``: the client connection name shown by the server [``agentevents``].
 
 Mapping (see ``docs/architecture.md``):
@@ -69,6 +77,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import re
 import ssl
@@ -76,6 +85,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
@@ -87,6 +97,7 @@ from agentevents.core.deadletter import DeadLetter
 from agentevents.core.errors import (
     BackendConnectionError,
     ConfigurationError,
+    MissingDependencyError,
     PayloadTooLargeError,
     PublishError,
     SubscribeError,
@@ -147,6 +158,45 @@ def _safe_token(text: str, length: int = 24) -> str:
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
     readable = _UNSAFE.sub("_", text).strip("_")[:length]
     return f"{readable}_{digest}" if readable else digest
+
+
+def _check_creds(path: str, shown: str) -> None:
+    """Refuse a ``creds`` file that nats-py cannot use, before it tries.
+
+    nats-py reads the file on every (re)connect and reports a missing one only as a retried
+    connection error, and a file without the ``BEGIN NATS USER JWT`` block (e.g. a bare
+    nkey seed file) makes it loop forever in a blocking read: the event loop hangs, no
+    timeout fires. The contents are never quoted (the seed is a secret).
+    """
+    if importlib.util.find_spec("nkeys") is None:
+        raise MissingDependencyError("NATS (for creds=)", None, "nkeys")
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise BackendConnectionError(
+            f"NATS {shown}: cannot read the credentials file {path!r} (option creds): "
+            f"{exc.strerror or exc}; give the path of a readable user .creds file "
+            "(e.g. from `nsc generate creds`)") from exc
+
+    def after(marker: str) -> str:
+        for index, line in enumerate(lines[:-1]):
+            if marker in line:
+                return lines[index + 1].strip()
+        return ""
+
+    if after("BEGIN NATS USER JWT").count(".") != 2 or not after(
+            "BEGIN USER NKEY SEED").startswith("SU"):
+        raise BackendConnectionError(
+            f"NATS {shown}: {path!r} (option creds) is not a NATS user credentials file: it "
+            "needs a '-----BEGIN NATS USER JWT-----' block holding the user JWT and a "
+            "'-----BEGIN USER NKEY SEED-----' block holding the user's seed (SU...), as "
+            "written by `nsc generate creds`")
+
+
+def _auth_refused(exc: BaseException) -> bool:
+    """Whether the server rejected our credentials (retrying will not help)."""
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication expired" in text
 
 
 def consumer_name(group: str, pattern: str) -> str:
@@ -254,7 +304,8 @@ class NatsConfig:
             raise ConfigurationError(
                 f"NATS URL {shown!r}: unknown option(s) {', '.join(sorted(query))}; known: "
                 "stream, prefix, max_age, replicas, duplicate_window, max_payload, "
-                "publish_timeout, connect_timeout, creds, tls_ca, tls_cert, tls_key, name"
+                "publish_timeout, connect_timeout, token, creds, tls_ca, tls_cert, tls_key, "
+                "name"
             )
         return cls(**kwargs)
 
@@ -534,10 +585,36 @@ class NatsTransport(Transport):
         config = self.config
         if not (config.tls or config.tls_ca or config.tls_cert):
             return None
-        context = ssl.create_default_context(cafile=config.tls_ca)
-        if config.tls_cert:
-            context.load_cert_chain(config.tls_cert, config.tls_key)
+        try:
+            context = ssl.create_default_context(cafile=config.tls_ca)
+            if config.tls_cert:
+                context.load_cert_chain(config.tls_cert, config.tls_key)
+        except OSError as exc:  # ssl.SSLError included; tls_key hidden as redact_url does
+            files = ", ".join(f"{name}={'***' if name == 'tls_key' else repr(value)}"
+                              for name, value in (("tls_ca", config.tls_ca),
+                                                  ("tls_cert", config.tls_cert),
+                                                  ("tls_key", config.tls_key)) if value)
+            raise BackendConnectionError(
+                f"NATS {self._shown}: cannot load the TLS files ({files}): "
+                f"{getattr(exc, 'strerror', None) or exc}; give readable PEM files (tls_key "
+                "unencrypted, matching tls_cert)") from exc
         return context
+
+    def _credentials_hint(self) -> str:
+        """What to check when the server refuses the connection's credentials."""
+        config = self.config
+        if config.creds is not None:
+            return (f"check that the credentials file {config.creds!r} (option creds) holds "
+                    "a user of an account this server trusts (operator, resolver) and that "
+                    "its JWT has not expired")
+        if config.user is not None:
+            return (f"check the password of user {config.user!r} (nats://user:password@host) "
+                    "against the server's authorization block")
+        if config.token is not None:
+            return ("check the token (nats://token@host or ?token=) against the server's "
+                    "authorization block")
+        return ("the server requires authentication: add user:password@ or token@ to the "
+                "URL, or ?creds=/path/to/user.creds")
 
     async def _connect(self) -> NatsClient:
         if self._nc is not None and not self._nc.is_closed:
@@ -550,9 +627,19 @@ class NatsTransport(Transport):
             config = self.config
 
             errors: list[Exception] = []
+            refusals: list[Exception] = []
+            connected = False  # read by on_error: refusals before it end the first connect
+            refused = asyncio.Event()
 
             async def on_error(exc: Exception) -> None:
                 errors[:] = [exc]
+                if _auth_refused(exc):
+                    if connected and not refusals:  # reconnecting: say it once
+                        log.warning("NATS %s: the server refused the credentials while "
+                                    "reconnecting (%s): %s", self._shown, exc,
+                                    self._credentials_hint())
+                    refusals[:] = [exc]
+                    refused.set()
                 log.debug("NATS %s: %r", self._shown, exc)
 
             async def on_disconnected() -> None:
@@ -561,6 +648,7 @@ class NatsTransport(Transport):
 
             async def on_reconnected() -> None:
                 log.warning("NATS %s: reconnected", self._shown)
+                refusals.clear()
                 for receiver in list(self._receivers):
                     receiver.reset()
 
@@ -581,18 +669,35 @@ class NatsTransport(Transport):
             if config.token is not None:
                 options["token"] = config.token
             if config.creds is not None:
+                _check_creds(config.creds, self._shown)
                 options["user_credentials"] = config.creds
             context = self._tls_context()
             if context is not None:
                 options["tls"] = context
+            # nats-py retries the first connect until our deadline, refused credentials
+            # included: stop at the first refusal instead.
+            connecting = asyncio.ensure_future(nats.connect(**options))
+            watching = asyncio.ensure_future(refused.wait())
             try:
-                nc = await asyncio.wait_for(nats.connect(**options),
-                                            config.connect_timeout * 2)
-            except TimeoutError as exc:
+                await asyncio.wait((connecting, watching), timeout=config.connect_timeout * 2,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watching.cancel()
+                if not connecting.done():
+                    connecting.cancel()
+                    await asyncio.wait((connecting,))  # never raises the task's outcome
+            if connecting.cancelled():
+                if refusals:
+                    raise BackendConnectionError(
+                        f"NATS at {self._shown} refused the connection's credentials "
+                        f"({refusals[-1]}): {self._credentials_hint()}") from refusals[-1]
                 raise BackendConnectionError(
                     f"cannot connect to NATS at {self._shown} within "
                     f"{config.connect_timeout * 2:g} s"
-                    + (f"; last error: {errors[-1]!r}" if errors else "")) from exc
+                    + (f"; last error: {errors[-1]!r}" if errors else "")
+                ) from (errors[-1] if errors else None)
+            try:
+                nc = connecting.result()
             except Exception as exc:
                 raise BackendConnectionError(
                     f"cannot connect to NATS at {self._shown}: {exc!r}") from exc
@@ -610,6 +715,7 @@ class NatsTransport(Transport):
             except BaseException:
                 await nc.close()
                 raise
+            connected = True
             self._nc = nc
             return nc
 
