@@ -86,6 +86,7 @@ OTHER_DOCUMENTS = {
     "boolean extension": changed(urgent=True),
     "reserved subject attribute": changed(subject="s"),
     "offset time": changed(time="2026-01-01T10:00:00+02:00"),
+    "time out of range in UTC": changed(time="0001-01-01T00:00:00+01:00"),
     "naive time": changed(time="2026-01-01T10:00:00"),
     "no time": changed(time=_DROP),
     "urn id": changed(id="urn:uuid:0192d7a4-1b2c-7d3e-8f40-123456789abc"),

@@ -85,6 +85,11 @@ def _from_wire(body: bytes | bytearray | memoryview | str) -> Event | None:
     time = wire.time
     if time.tzinfo is None or time.utcoffset() is None:
         return None
+    if time.tzinfo is not UTC:
+        try:
+            time = time.astimezone(UTC)
+        except OverflowError:  # out of range in UTC: the full path says so
+            return None
     metadata: dict[str, str] = {}
     for name, value in (wire.model_extra or {}).items():
         if name in RESERVED_METADATA_KEYS:
@@ -94,7 +99,7 @@ def _from_wire(body: bytes | bytearray | memoryview | str) -> Event | None:
         metadata[name] = value
     return construct_checked(
         wire.id, wire.type, wire.schemaversion,
-        time if time.tzinfo is UTC else time.astimezone(UTC),
+        time,
         wire.source, wire.correlationid, wire.causationid, wire.partitionkey,
         wire.data if wire.data is not None else {}, metadata,
     )
