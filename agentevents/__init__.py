@@ -18,7 +18,9 @@ from agentevents.core.errors import (
     ConfigurationError,
     DuplicateEventError,
     EventValidationError,
+    LeaseLostError,
     MissingDependencyError,
+    OutboxNotEnabledError,
     PayloadTooLargeError,
     PublishError,
     RejectEvent,
@@ -29,6 +31,7 @@ from agentevents.core.errors import (
     UnknownEventTypeError,
 )
 from agentevents.core.event import Event, new_event_id
+from agentevents.core.outbox import Lease, Outbox
 from agentevents.core.schema import SchemaRegistry, schemas
 from agentevents.core.store import (
     ANY,
@@ -41,6 +44,7 @@ from agentevents.core.store import (
 )
 from agentevents.core.transport import Capabilities
 from agentevents.plugins.registry import create_bus, create_store
+from agentevents.relay import OutboxRelay
 
 __version__ = "0.1.0"
 
@@ -64,7 +68,12 @@ __all__ = [
     "EventStore",
     "EventValidationError",
     "Handler",
+    "Lease",
+    "LeaseLostError",
     "MissingDependencyError",
+    "Outbox",
+    "OutboxNotEnabledError",
+    "OutboxRelay",
     "PayloadTooLargeError",
     "PublishError",
     "RecordedEvent",

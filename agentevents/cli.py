@@ -5,6 +5,8 @@
     agentevents demo [--bus URL] [--store URL]
     agentevents backends
     agentevents conformance --bus URL --store URL [-k EXPR] [-x] [-v]
+    agentevents schema upgrade|current|drop [--store URL]
+    agentevents relay --store URL --bus URL [--batch-size N] [--name NAME] [--lease-ttl S]
     agentevents version
 
 URLs are shown redacted. Errors of agentevents (bad URL, unknown scheme, missing extra) are
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     import pytest
+
+    from agentevents.stores.sql.store import SqlEventStore
 
 __all__ = ["app", "main"]
 
@@ -271,6 +275,266 @@ def _results_table(rows: list[_Outcome]) -> Table:
         table.add_row(Text(name), Text(row.outcome, _STYLES.get(row.outcome, "")),
                       f"{row.duration:.2f}s", Text(row.reason))
     return table
+
+
+# -- schema ----------------------------------------------------------------------------------
+
+schema_app = typer.Typer(
+    name="schema",
+    help="Create, upgrade, inspect or drop a SQL store's tables (versioned migrations).",
+    no_args_is_help=True,
+)
+app.add_typer(schema_app)
+
+_SchemaStore = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="SQL store URL; ?table_prefix= picks the tables. "
+             "[default: AGENTEVENTS_STORE_URL, then store_url in the config files]",
+    ),
+]
+
+
+def _sql_store(url: str | None) -> tuple[SqlEventStore, str]:
+    """The SQL store of ``url`` (or the configured one), and its URL for display."""
+    from agentevents.core.errors import ConfigurationError
+    from agentevents.core.settings import load_settings
+    from agentevents.stores.sql.store import SqlEventStore
+
+    resolved = url or load_settings().store_url
+    info = registry.lookup(resolved, "store")
+    store = info.factory(resolved)
+    if not isinstance(store, SqlEventStore):
+        asyncio.run(store.close())
+        raise ConfigurationError(
+            f"{redact_url(resolved)!r} is not a SQL store URL: schema commands manage the "
+            "tables of SQLite, PostgreSQL and MySQL/MariaDB stores"
+        )
+    return store, redact_url(resolved)
+
+
+def _no_sqlite_file(url: str | None) -> bool:
+    """Whether ``url`` names a SQLite file that does not exist (so there is nothing to read
+    or drop, and connecting would create it)."""
+    from sqlalchemy.engine import make_url
+
+    from agentevents.core.settings import load_settings
+
+    with contextlib.suppress(Exception):  # not a URL SQLAlchemy reads: the store will say
+        parsed = make_url(url or load_settings().store_url)
+        database = parsed.database or ""
+        return (parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:")
+                and not database.startswith("file:") and not Path(database).exists())
+    return False
+
+
+def _revision_text(revision: str | None, head: str) -> Text:
+    if revision is None:
+        return Text("none", "yellow")
+    return Text(revision, "green" if revision == head else "yellow")
+
+
+async def _schema_upgrade(store: SqlEventStore) -> tuple[str | None, str | None]:
+    try:
+        before = await store.schema_revision()
+        await store.create_schema()
+        return before, await store.schema_revision()
+    finally:
+        await store.close()
+
+
+async def _schema_current(store: SqlEventStore) -> str | None:
+    try:
+        return await store.schema_revision()
+    finally:
+        await store.close()
+
+
+async def _schema_drop(store: SqlEventStore) -> None:
+    try:
+        await store.drop_schema()
+    finally:
+        await store.close()
+
+
+@schema_app.command("upgrade")
+def schema_upgrade(store: _SchemaStore = None) -> None:
+    """Create the store's tables, or upgrade them to the newest revision (idempotent).
+
+    Safe to run from several processes at once. Tables from before versioned migrations are
+    stamped with the revision they match, then upgraded.
+    """
+    from agentevents.stores.sql.migrations import head_revision
+
+    with _clean_errors():
+        sql, shown = _sql_store(store)
+        before, after = asyncio.run(_schema_upgrade(sql))
+    head = head_revision()
+    message = Text.assemble(f"schema of {shown} (tables {sql.table_prefix}*): ",
+                            _revision_text(before, head))
+    if before == after:
+        message.append(" (head), nothing to do")
+    else:
+        message.append_text(Text.assemble(" -> ", _revision_text(after, head), " (head)"))
+    Console().print(message)
+
+
+@schema_app.command("current")
+def schema_current(
+    store: _SchemaStore = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 unless the schema is at the head revision.")
+    ] = False,
+) -> None:
+    """Print the schema revision of the store's tables, and the newest one known."""
+    from agentevents.stores.sql.migrations import head_revision
+
+    head = head_revision()
+    with _clean_errors():
+        sql, shown = _sql_store(store)
+        if _no_sqlite_file(store):
+            asyncio.run(sql.close())
+            revision = None
+        else:
+            revision = asyncio.run(_schema_current(sql))
+    message = Text.assemble(f"schema of {shown} (tables {sql.table_prefix}*): ",
+                            _revision_text(revision, head))
+    if revision == head:
+        message.append(" (head)")
+    elif revision is None:
+        message.append(" (no versioned tables; `agentevents schema upgrade` creates them, "
+                       f"or stamps tables from before migrations; head is {head})")
+    else:
+        message.append(f" (head is {head}; run `agentevents schema upgrade`)")
+    Console().print(message)
+    if check and revision != head:
+        raise typer.Exit(1)
+
+
+@schema_app.command("drop")
+def schema_drop(
+    store: _SchemaStore = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Drop the store's tables (those of its table prefix) and every event in them."""
+    with _clean_errors():
+        sql, shown = _sql_store(store)
+        if not yes and not typer.confirm(
+            f"Drop the tables {sql.table_prefix}* at {shown} and every event in them?"
+        ):
+            asyncio.run(sql.close())
+            _fail("not dropped", 1)
+        if _no_sqlite_file(store):
+            asyncio.run(sql.close())
+        else:
+            asyncio.run(_schema_drop(sql))
+    Console().print(Text(f"dropped the tables {sql.table_prefix}* at {shown}"))
+
+
+# -- relay -----------------------------------------------------------------------------------
+
+
+@app.command()
+def relay(
+    store: Annotated[
+        str | None,
+        typer.Option(help="Store URL, with the outbox on ('?outbox=true'). "
+                          "[default: AGENTEVENTS_STORE_URL, then the config file]"),
+    ] = None,
+    bus: Annotated[
+        str | None,
+        typer.Option(help="Bus URL to publish to. "
+                          "[default: AGENTEVENTS_BUS_URL, then the config file]"),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Events published per batch (one broker round trip).")
+    ] = 100,
+    name: Annotated[
+        str,
+        typer.Option(help="Relay name: relays of one store with the same name share one "
+                          "lease; one publishes, the others stand by."),
+    ] = "default",
+    lease_ttl: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds the lease lasts unless renewed: how soon a "
+                                   "standby takes over from a relay that died."),
+    ] = 10.0,
+) -> None:
+    """Publish the events recorded in a store's outbox to a bus: in order, at least once.
+
+    Runs until SIGINT or SIGTERM, which finish the batch in progress and release the lease
+    (a second signal stops at once; the unfinished batch is published again later).
+    """
+    import logging
+    import signal
+
+    from agentevents.core.settings import load_settings
+    from agentevents.relay import OutboxRelay
+
+    settings = load_settings()
+    store_url = store or settings.store_url
+    bus_url = bus or settings.bus_url
+    console = Console(stderr=True)
+    ours = logging.getLogger("agentevents")
+    if not ours.handlers and not logging.getLogger().handlers:  # the relay's log, on stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+
+    async def serve() -> int:
+        from agentevents.plugins.registry import create_bus, create_store
+
+        event_store = create_store(store_url)
+        try:
+            event_bus = create_bus(bus_url)
+            try:
+                outbox_relay = OutboxRelay(event_store, event_bus, name=name,
+                                           batch_size=batch_size, lease_ttl=lease_ttl)
+                console.print(Text(
+                    f"relay {name!r} ({outbox_relay.owner}): store {redact_url(store_url)} "
+                    f"-> bus {redact_url(bus_url)}; batches of {batch_size}, lease "
+                    f"{lease_ttl:g} s. Ctrl-C to stop."
+                ))
+                if bus_url.lower().startswith("memory:"):
+                    console.print(Text(
+                        "warning: a memory:// bus lives inside this relay process; no other "
+                        "process sees what it publishes", "yellow"))
+                task = asyncio.ensure_future(outbox_relay.run())
+                signals = 0
+
+                def on_signal() -> None:
+                    nonlocal signals
+                    signals += 1
+                    if signals == 1:
+                        console.print("stopping after the batch in progress "
+                                      "(signal again to stop at once)")
+                        outbox_relay.stop()
+                    else:
+                        task.cancel()
+
+                loop = asyncio.get_running_loop()
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    with contextlib.suppress(NotImplementedError):  # not on Windows
+                        loop.add_signal_handler(signum, on_signal)
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    console.print(f"relay stopped at once after publishing "
+                                  f"{outbox_relay.published} event(s)")
+                    return 130
+                console.print(f"relay stopped: published {outbox_relay.published} event(s)")
+                return 0
+            finally:
+                await event_bus.close()
+        finally:
+            await event_store.close()
+
+    with _clean_errors():
+        code = asyncio.run(serve())
+    if code:
+        raise typer.Exit(code)
 
 
 # -- version ---------------------------------------------------------------------------------

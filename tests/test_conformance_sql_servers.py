@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from agentevents.conformance_tests.test_outbox import *  # noqa: F403
 from agentevents.conformance_tests.test_store import *  # noqa: F403
 from agentevents.stores.sql.store import SqlEventStore
 

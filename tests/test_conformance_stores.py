@@ -11,6 +11,7 @@ import contextlib
 
 import pytest
 
+from agentevents.conformance_tests.test_outbox import *  # noqa: F403
 from agentevents.conformance_tests.test_store import *  # noqa: F403
 from agentevents.plugins.registry import registry
 from agentevents.stores import memory, sql

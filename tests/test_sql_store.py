@@ -62,7 +62,10 @@ async def test_create_store_builds_a_sql_store_with_its_schema(tmp_path: Path) -
     try:
         assert isinstance(store, SqlEventStore)
         await store.append("s", [_event()])
-        assert _tables(tmp_path / "plain.db") == {"agentevents_events", "agentevents_snapshots"}
+        assert _tables(tmp_path / "plain.db") == {
+            f"agentevents_{name}"
+            for name in ("events", "snapshots", "outbox", "relay_lease", "alembic_version")
+        }
         with sqlite3.connect(tmp_path / "plain.db") as db:
             assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
     finally:
@@ -79,8 +82,9 @@ async def test_table_prefixes_isolate_stores(tmp_path: Path, db_url: str) -> Non
         await a.append("s", [_event(payload={"in": "a"})])
         await b.append("s", [_event(payload={"in": "b"}), _event(payload={"in": "b"})])
         assert _tables(tmp_path / "events.db") == {
-            "run_a_events", "run_a_snapshots", "run_b_events", "run_b_snapshots",
-        }  # fmt: skip
+            f"{prefix}{name}" for prefix in ("run_a_", "run_b_")
+            for name in ("events", "snapshots", "outbox", "relay_lease", "alembic_version")
+        }
         assert [r.event.payload for r in await a.read_all()] == [{"in": "a"}]
         assert [r.event.payload for r in await c.read_all()] == [{"in": "a"}]
         assert await b.stream_version("s") == 2

@@ -579,6 +579,52 @@ class TestSubscribe:
                             break
         assert got == recorded[2:]
 
+    async def test_restart_from_a_saved_position_then_follow_live(
+        self, store: EventStore, store_factory: StoreFactory, unique: str
+    ) -> None:
+        """A follower that stopped resumes from the position it saved: the events it had
+        not processed, then live ones, each once, even from a new store object."""
+        stream = f"{unique}-s"
+        head = await store.head_position()
+        first = await store.append(stream, [_event(unique, payload={"n": n}) for n in range(5)])
+        saved = head
+        processed: list[RecordedEvent] = []
+        async with asyncio.timeout(TIMEOUT):
+            async with _subscription(store, saved, idle_timeout=0.1) as sub:
+                async for r in sub:
+                    if r.stream_id == stream:
+                        processed.append(r)
+                    saved = r.position  # saved after processing, as a projection would
+                    if len(processed) == 2:
+                        break
+        assert processed == first[:2]
+
+        restarted = await store_factory()
+        if await restarted.stream_version(stream) is None:
+            restarted = store  # a private database per store object: restart on the same one
+        got: list[RecordedEvent] = []
+        live: list[RecordedEvent] = []
+        caught_up = asyncio.Event()
+
+        async def follow() -> None:
+            async with _subscription(restarted, saved, batch_size=2, idle_timeout=0.2) as sub:
+                async for r in sub:
+                    if r.stream_id != stream:
+                        continue
+                    got.append(r)
+                    if len(got) == 3:
+                        caught_up.set()
+                    if len(got) == 5:
+                        return
+
+        async with asyncio.timeout(TIMEOUT):
+            follower = asyncio.create_task(follow())
+            await caught_up.wait()
+            for n in range(5, 7):
+                live += await store.append(stream, [_event(unique, payload={"n": n})])
+            await follower
+        assert got == first[2:] + live
+
 
 class TestPayloads:
     async def test_unicode_everywhere(self, store: EventStore, unique: str) -> None:

@@ -7,7 +7,8 @@ into the most specific class below, so callers never catch a client library's ty
     AgentEventsError
     ├── ConfigurationError            bad URL, option or settings value
     │   ├── UnknownBackendError       no installed plugin handles the URL scheme
-    │   └── MissingDependencyError    the backend's client library (extra) is not installed
+    │   ├── MissingDependencyError    the backend's client library (extra) is not installed
+    │   └── OutboxNotEnabledError     an outbox operation on a store without the outbox on
     ├── EventValidationError          an event or payload does not satisfy its schema
     │   └── UnknownEventTypeError     no payload model is registered for (type, version)
     ├── BusError
@@ -19,6 +20,7 @@ into the most specific class below, so callers never catch a client library's ty
     ├── StoreError
     │   ├── ConcurrencyError          ``expected_version`` did not match the stream
     │   ├── DuplicateEventError       an event id is already stored
+    │   ├── LeaseLostError            an outbox relay's lease was taken over (fence moved on)
     │   └── StoreClosedError          the store was used after ``close()``
     └── BackendConnectionError        the server behind a (redacted) URL cannot be reached
 
@@ -66,6 +68,19 @@ class MissingDependencyError(ConfigurationError):
         )
         self.backend = backend
         self.extra = extra
+
+
+class OutboxNotEnabledError(ConfigurationError):
+    """An outbox operation (relaying) on a store whose outbox is not turned on."""
+
+    def __init__(self, store: str) -> None:
+        super().__init__(
+            f"the event store {store} does not record its events for publication: its outbox "
+            "is off. Turn it on with '?outbox=true' in the store URL (or outbox=True), in "
+            "every process that appends and in the relay; events appended while it was off "
+            "are not in the outbox and will not be relayed"
+        )
+        self.store = store
 
 
 class EventValidationError(AgentEventsError, ValueError):
@@ -148,6 +163,26 @@ class DuplicateEventError(StoreError):
             "Event ids are idempotency keys: treat this as 'already done' or use new ids."
         )
         self.event_ids = ids
+
+
+class LeaseLostError(StoreError):
+    """An outbox relay's lease was taken over by another relay: it must stop publishing.
+
+    Raised instead of marking events published, so a relay that stalled past its lease
+    (a long pause, a network partition) cannot interfere with the one that took over. The
+    relay goes back to standby; what it published meanwhile is published again (at least
+    once).
+    """
+
+    def __init__(self, name: str, owner: str, fence: int) -> None:
+        super().__init__(
+            f"relay {owner!r} no longer holds the outbox lease {name!r} (fence {fence}): "
+            "another relay took it over after it expired. This relay stops publishing and "
+            "stands by; if it happens often, raise the lease time or shorten the batches"
+        )
+        self.name = name
+        self.owner = owner
+        self.fence = fence
 
 
 class StoreClosedError(StoreError):

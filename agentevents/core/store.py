@@ -179,21 +179,43 @@ class EventStore(ABC):
         """Release connections; further calls raise ``StoreClosedError``."""
 
     async def subscribe(
-        self, after_position: int = 0, *, batch_size: int = 500, idle_timeout: float = 1.0
+        self,
+        after_position: int = 0,
+        *,
+        batch_size: int = 500,
+        idle_timeout: float = 1.0,
+        initial_wait: float = 0.02,
     ) -> AsyncGenerator[RecordedEvent, None]:
         """Catch-up subscription: history after ``after_position``, then live events.
 
         Yields every event exactly once in global order, forever (break out, or cancel the
         task, to stop). Resume after a restart by passing the last position you processed.
+
+        Once caught up it waits with :meth:`wait_for_append`, which returns early when the
+        store learns of an append (at once for appends through this store object; on
+        PostgreSQL also for other processes, through LISTEN/NOTIFY). Otherwise the store is
+        polled with backoff: the first wait is ``initial_wait`` seconds, doubled after each
+        read that found nothing, up to ``idle_timeout``; any event resets it. So a
+        follower notices another process's append within about ``idle_timeout`` at worst,
+        and quickly while the log is busy.
         """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        first = max(min(initial_wait, idle_timeout), 0.0)
+        wait = first
         position = after_position
         while True:
             batch = await self.read_all(position, batch_size)
             for recorded in batch:
                 yield recorded
                 position = recorded.position
-            if len(batch) < batch_size:
-                await self.wait_for_append(position, idle_timeout)
+            if batch:
+                wait = first
+                if len(batch) == batch_size:
+                    continue  # more history: read on at once
+            await self.wait_for_append(position, wait)
+            if not batch:
+                wait = min(max(wait * 2, 0.001), idle_timeout)
 
     async def __aenter__(self) -> EventStore:
         return self

@@ -1,4 +1,4 @@
-"""Helpers both built-in stores share: JSON, lossless timestamps, batch checks."""
+"""Helpers both built-in stores share: JSON, lossless timestamps, batch checks, URL flags."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agentevents.core.errors import DuplicateEventError, EventValidationError
+from agentevents.core.errors import ConfigurationError, DuplicateEventError, EventValidationError
 from agentevents.core.event import Event
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["aware_utc", "check_batch", "from_micros", "json_dumps", "json_loads", "to_micros"]
+__all__ = [
+    "aware_utc",
+    "check_batch",
+    "from_micros",
+    "json_dumps",
+    "json_loads",
+    "to_micros",
+    "url_flag",
+]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -58,3 +66,20 @@ def check_batch(events: Sequence[Event]) -> None:
     repeated = [str(i) for i, n in Counter(e.id for e in events).items() if n > 1]
     if repeated:
         raise DuplicateEventError(repeated)
+
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def url_flag(value: str, option: str, shown_url: str) -> bool:
+    """A boolean URL query option (``?outbox=true``); ``shown_url`` must be redacted."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"{shown_url!r}: ?{option}= takes true or false (also 1/0, yes/no, on/off), "
+        f"not {value!r}"
+    )

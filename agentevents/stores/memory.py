@@ -6,6 +6,10 @@ It passes the whole store conformance suite and is the model the other stores fo
 * ``memory://name`` shares one named log with every store of that name in this process
   (the way ``memory://name`` shares a bus), so two components can append and follow the
   same history. A named log lives as long as the process.
+* ``?outbox=true`` (or ``outbox=True``) turns the transactional outbox on
+  (:class:`~agentevents.core.outbox.Outbox`): each append records its events for the
+  relay under the same lock as the append itself. The outbox and the relay leases belong
+  to the log, so store objects of one named log share them.
 
 Nothing survives the process. Positions are 1, 2, 3, ... without gaps: an append runs
 to completion under one lock (check the expected version, assign versions and positions,
@@ -23,17 +27,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from agentevents.core.errors import (
     ConfigurationError,
     DuplicateEventError,
+    LeaseLostError,
+    OutboxNotEnabledError,
     StoreClosedError,
 )
 from agentevents.core.event import Event, utcnow
+from agentevents.core.outbox import Lease
 from agentevents.core.store import (
     ANY,
     EventQuery,
@@ -45,7 +54,14 @@ from agentevents.core.store import (
 )
 from agentevents.core.urls import redact_url
 from agentevents.plugins.hookspecs import BackendInfo, hookimpl
-from agentevents.stores._common import aware_utc, check_batch, json_dumps, json_loads
+from agentevents.stores._common import (
+    aware_utc,
+    check_batch,
+    from_micros,
+    json_dumps,
+    json_loads,
+    url_flag,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -67,6 +83,10 @@ class _Log:
         #: The latest snapshot per stream; its state is copied in and out.
         self.snapshots: dict[str, Snapshot] = {}
         self.waiters: set[asyncio.Future[None]] = set()
+        #: Positions recorded for publication and not yet marked published, in order.
+        self.outbox: dict[int, None] = {}
+        #: The relay leases by name.
+        self.leases: dict[str, _LeaseRow] = {}
 
     def wake(self) -> None:
         """Resolve every waiter's future, each on its own event loop."""
@@ -91,6 +111,17 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+@dataclass(slots=True)
+class _LeaseRow:
+    owner: str
+    fence: int
+    expires_us: int
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
 _named_logs: dict[str, _Log] = {}
 _named_lock = threading.Lock()
 
@@ -106,27 +137,40 @@ class MemoryEventStore(EventStore):
     ``MemoryEventStore()`` is private to its owner; ``MemoryEventStore(name="x")`` (or
     ``create_store("memory://x")``) shares the log named ``x`` within the process.
     Closing a store object does not erase a named log; other objects keep using it.
+    ``outbox=True`` records every append's events for the outbox relay.
     """
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, *, outbox: bool = False) -> None:
         self._name = name
         self._log = _log_named(name) if name else _Log()
+        self._outbox = outbox
         self._closed = False
 
     @classmethod
     def from_url(cls, url: str) -> MemoryEventStore:
-        """``memory://`` (a private store) or ``memory://name`` (a shared, named one)."""
+        """``memory://`` (a private store) or ``memory://name`` (a shared, named one),
+        optionally with ``?outbox=true``."""
         parts = urlsplit(url)
-        if (parts.scheme.lower() != "memory" or parts.query or parts.path.strip("/")
+        shown = redact_url(url)
+        if (parts.scheme.lower() != "memory" or parts.path.strip("/")
                 or "@" in parts.netloc):
             raise ConfigurationError(
-                f"{redact_url(url)!r} is not a memory store URL: use 'memory://' or "
-                "'memory://name'"
+                f"{shown!r} is not a memory store URL: use 'memory://' or "
+                "'memory://name', optionally with '?outbox=true'"
             )
-        return cls(name=parts.netloc or None)
+        outbox = False
+        for option, value in parse_qsl(parts.query, keep_blank_values=True):
+            if option != "outbox":
+                raise ConfigurationError(
+                    f"{shown!r}: unknown memory store option {option!r}; the only one is "
+                    "'outbox' (true/false)"
+                )
+            outbox = url_flag(value, option, shown)
+        return cls(name=parts.netloc or None, outbox=outbox)
 
     def __repr__(self) -> str:
-        return f"MemoryEventStore('memory://{self._name or ''}')"
+        query = "?outbox=true" if self._outbox else ""
+        return f"MemoryEventStore('memory://{self._name or ''}{query}')"
 
     def _check_open(self) -> None:
         if self._closed:
@@ -175,6 +219,8 @@ class MemoryEventStore(EventStore):
             log.events.extend(recorded)
             log.streams.setdefault(stream_id, []).extend(recorded)
             log.ids.update(e.id for e in copies)
+            if self._outbox:
+                log.outbox.update(dict.fromkeys(r.position for r in recorded))
         log.wake()
         return recorded
 
@@ -270,6 +316,58 @@ class MemoryEventStore(EventStore):
         if not self._closed:
             self._closed = True
             self._log.wake()
+
+    # -- the outbox (agentevents.core.outbox.Outbox) -------------------------------------
+
+    @property
+    def outbox_enabled(self) -> bool:
+        """Whether appends through this store object record their events in the outbox."""
+        return self._outbox
+
+    def _check_outbox(self) -> None:
+        self._check_open()
+        if not self._outbox:
+            raise OutboxNotEnabledError(repr(self))
+
+    async def acquire_relay_lease(self, name: str, owner: str, ttl: float) -> Lease | None:
+        self._check_outbox()
+        now = _now_us()
+        expires = now + max(int(ttl * 1_000_000), 1)
+        with self._log.mutex:
+            row = self._log.leases.get(name)
+            if row is None:
+                row = self._log.leases[name] = _LeaseRow(owner, 1, expires)
+            elif row.owner == owner:
+                row.expires_us = expires
+            elif row.expires_us <= now:
+                row.owner, row.fence, row.expires_us = owner, row.fence + 1, expires
+            else:
+                return None
+            return Lease(name=name, owner=owner, fence=row.fence,
+                         expires_at=from_micros(expires))
+
+    async def release_relay_lease(self, lease: Lease) -> None:
+        self._check_outbox()
+        with self._log.mutex:
+            row = self._log.leases.get(lease.name)
+            if row is not None and (row.owner, row.fence) == (lease.owner, lease.fence):
+                row.expires_us = 0
+
+    async def read_outbox(self, limit: int) -> list[RecordedEvent]:
+        self._check_outbox()
+        with self._log.mutex:
+            found = [self._log.events[p - 1] for p in itertools.islice(
+                self._log.outbox, max(limit, 0))]
+        return _detached(found)
+
+    async def mark_published(self, lease: Lease, positions: Sequence[int]) -> None:
+        self._check_outbox()
+        with self._log.mutex:
+            row = self._log.leases.get(lease.name)
+            if row is None or (row.owner, row.fence) != (lease.owner, lease.fence):
+                raise LeaseLostError(lease.name, lease.owner, lease.fence)
+            for position in positions:
+                self._log.outbox.pop(position, None)
 
 
 def _create(url: str) -> MemoryEventStore:

@@ -23,8 +23,16 @@ column              type           meaning
 ==================  =============  =============================================================
 
 The unique constraint on ``(stream_id, stream_version)`` is the arbiter between concurrent
-writers of a stream; the one on ``event_id`` refuses duplicates. Indexes serve reads by
-type, by source over a time range (an agent's timeline), by correlation id and by time.
+writers of a stream (and serves reading a stream); the one on ``event_id`` refuses
+duplicates. Queries are read in position order and continue after a position, so the index
+of each filter ends with ``position``: ``_type_ix`` ``(event_type, position)``,
+``_source_ix`` ``(source, position)`` (an agent's timeline), ``_correlation_ix``
+``(correlation_id, position)``; ``_time_ix`` ``(event_time_us)`` serves time ranges, alone
+or combined with another; ``read_all`` reads by the primary key.
+
+These tables are created and upgraded by the versioned migrations in
+:mod:`agentevents.stores.sql.migrations`; this module always describes the newest
+revision, and the tests check that the migrated database matches it exactly.
 
 ``{prefix}snapshots``: ``stream_id`` (PK), ``stream_version``, ``state`` (JSON text),
 ``time_us``.
@@ -120,7 +128,7 @@ def tables(prefix: str = DEFAULT_TABLE_PREFIX) -> Tables:
         UniqueConstraint("event_id", name=f"{name}_event_id_uq"),
         UniqueConstraint("stream_id", "stream_version", name=f"{name}_stream_uq"),
         Index(f"{name}_type_ix", "event_type", "position"),
-        Index(f"{name}_source_ix", "source", "event_time_us"),
+        Index(f"{name}_source_ix", "source", "position"),
         Index(f"{name}_correlation_ix", "correlation_id", "position"),
         Index(f"{name}_time_ix", "event_time_us"),
         **_MYSQL_OPTIONS,

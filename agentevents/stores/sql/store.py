@@ -38,11 +38,60 @@ again assigned in commit order:
 The cost is that appends to one set of tables are serialised, across processes, like on
 SQLite; readers are not affected. Stores with different table prefixes do not contend.
 
+Waking followers
+----------------
+Appends through a store object wake its own waiters in
+:meth:`~SqlEventStore.wait_for_append` at once. On PostgreSQL an append also sends
+``pg_notify(<prefix>appended, '<last position>')`` in its transaction (delivered at commit),
+and the first ``wait_for_append`` of a store object opens one dedicated ``LISTEN``
+connection (:mod:`agentevents.stores.sql.listen`), so appends by other processes wake
+followers too. SQLite and MySQL/MariaDB have no such signal: followers poll, with backoff
+(:meth:`~agentevents.core.store.EventStore.subscribe`).
+
+The outbox
+----------
+With ``outbox=True`` (or ``?outbox=true`` in the URL) an append also inserts one row per
+event, its position, into ``{prefix}outbox``, in the same transaction: the events are
+stored and recorded for publication together, or not at all. The store implements
+:class:`~agentevents.core.outbox.Outbox` for the relay (:mod:`agentevents.relay`): the
+relay lease is a row of ``{prefix}relay_lease``, read ``FOR UPDATE`` (a row lock on the
+servers; SQLite's write lock) in the transaction that takes, renews or checks it, so a
+takeover and a fenced delete of published rows never interleave. These transactions do not
+take the commit-order lock: they do not assign positions, and so do not hold up appends.
+
 Schema
 ------
-``await store.create_schema()`` creates the tables and indexes if missing (idempotent).
-SQLite stores do it themselves on first use; PostgreSQL and MySQL/MariaDB stores need the
-explicit call once (or the migrations, once they exist).
+The tables are versioned by Alembic migrations shipped in the package
+(:mod:`agentevents.stores.sql.migrations`). ``await store.create_schema()``, or
+``agentevents schema upgrade --store URL``, creates them or upgrades them to the newest
+revision; it is idempotent, and safe when several stores or processes run it at once: each
+upgrade holds the table prefix's schema lock (SQLite ``BEGIN IMMEDIATE``, PostgreSQL
+``pg_advisory_xact_lock``, MySQL/MariaDB ``GET_LOCK``), so the later ones find the head
+revision and do nothing. ``await store.schema_revision()`` (``agentevents schema current``)
+reads the revision, ``await store.drop_schema()`` (``agentevents schema drop``) drops it all.
+
+Nothing is created implicitly on a server: PostgreSQL and MySQL/MariaDB stores need the
+explicit upgrade once per release (an append before it fails with a hint to run it). SQLite
+stores, the embedded default, upgrade themselves on first use (``auto_create_schema``).
+
+Each table prefix has its own revision, in ``{prefix}alembic_version``, so several prefixes
+share a database independently. Tables from before migrations (no version table) are
+recognised by which tables exist, stamped with that revision, then upgraded.
+
+Every read path has its index (EXPLAIN-checked on PostgreSQL, SQLite and MariaDB by
+``tests/test_sql_explain.py``); every query is read in position order:
+
+=====================================  ==============================================
+read path                              index (of ``{prefix}events``)
+=====================================  ==============================================
+agent timeline (``source``)            ``_source_ix`` ``(source, position)``
+... over a time range                  ``_source_ix`` (and ``_time_ix``)
+workflow (``correlation_id``)          ``_correlation_ix`` ``(correlation_id, position)``
+by type(s)                             ``_type_ix`` ``(event_type, position)``
+time range (``since`` / ``until``)     ``_time_ix`` ``(event_time_us)``
+``read_stream``, ``stream_id``         ``_stream_uq`` ``(stream_id, stream_version)``
+``read_all``, ``after_position``       the primary key ``(position)``
+=====================================  ==============================================
 """
 
 from __future__ import annotations
@@ -52,9 +101,11 @@ import contextlib
 import hashlib
 import random
 import sqlite3
+import time
 from typing import TYPE_CHECKING, Any, Final, cast
+from uuid import UUID
 
-from sqlalchemy import Row, Select, delete, event, func, insert, select, text
+from sqlalchemy import Row, Select, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -75,10 +126,13 @@ from agentevents.core.errors import (
     ConcurrencyError,
     ConfigurationError,
     DuplicateEventError,
+    LeaseLostError,
+    OutboxNotEnabledError,
     StoreClosedError,
     StoreError,
 )
-from agentevents.core.event import Event, utcnow
+from agentevents.core.event import Event, construct_checked, utcnow
+from agentevents.core.outbox import Lease
 from agentevents.core.store import (
     ANY,
     EventQuery,
@@ -96,7 +150,9 @@ from agentevents.stores._common import (
     json_dumps,
     json_loads,
     to_micros,
+    url_flag,
 )
+from agentevents.stores.sql.listen import AppendListener, channel_name
 from agentevents.stores.sql.schema import DEFAULT_TABLE_PREFIX, tables
 
 if TYPE_CHECKING:
@@ -118,6 +174,8 @@ ANY_RETRIES: Final = 50
 SQLITE_BUSY_TIMEOUT: Final = 30.0
 #: Seconds a MySQL/MariaDB writer waits for the commit-order lock before giving up.
 COMMIT_LOCK_TIMEOUT: Final = 30
+#: Seconds a MySQL/MariaDB schema change waits for another one to finish before giving up.
+SCHEMA_LOCK_TIMEOUT: Final = 600
 _WRITE: Final = "agentevents_write"
 _ID_CHUNK: Final = 500
 
@@ -136,6 +194,8 @@ class SqlEventStore(EventStore):
     ``auto_create_schema`` creates the tables on first use; it defaults to on for SQLite
     and off for servers, which need :meth:`create_schema` once. ``engine_options`` go to
     :func:`~sqlalchemy.ext.asyncio.create_async_engine` (pool size, echo, ...).
+    ``outbox`` (or ``?outbox=true``; default off; the argument wins) records every
+    appended event for the outbox relay in the append's transaction.
 
     No connection is made before the first call.
     """
@@ -147,6 +207,7 @@ class SqlEventStore(EventStore):
         table_prefix: str | None = None,
         auto_create_schema: bool | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        outbox: bool | None = None,
     ) -> None:
         self._shown = redact_url(url)
         try:
@@ -157,7 +218,14 @@ class SqlEventStore(EventStore):
         if table_prefix is None:
             table_prefix = query_prefix if isinstance(query_prefix, str) else DEFAULT_TABLE_PREFIX
         self._tables = tables(table_prefix)
-        sa_url = _with_async_driver(sa_url.difference_update_query(["table_prefix"]))
+        query_outbox = sa_url.query.get("outbox")
+        if outbox is None:
+            outbox = (url_flag(query_outbox, "outbox", self._shown)
+                      if isinstance(query_outbox, str) else False)
+        self._outbox = outbox
+        sa_url = _with_async_driver(
+            sa_url.difference_update_query(["table_prefix", "outbox"])
+        )
         self._backend = sa_url.get_backend_name()
         self._sqlite = self._backend == "sqlite"
         self._lock_name = f"agentevents:{table_prefix}"[:64]
@@ -185,8 +253,16 @@ class SqlEventStore(EventStore):
         self._auto_schema = self._sqlite if auto_create_schema is None else auto_create_schema
         self._schema_ready = False
         self._schema_lock = asyncio.Lock()
-        self._appended = asyncio.Condition()
         self._seen_head = 0
+        self._wakeup: asyncio.Event | None = None
+        self._channel = channel_name(table_prefix)
+        self._listener: AppendListener | None = None
+        if self._backend == "postgresql":
+            t = self._tables.events
+            head_sql = str(select(func.max(t.c.position)).compile(dialect=self._engine.dialect))
+            self._listener = AppendListener(
+                self._engine, self._channel, head_sql, self._saw_position, self._shown
+            )
         self._closed = False
 
     def __repr__(self) -> str:
@@ -200,20 +276,77 @@ class SqlEventStore(EventStore):
     # -- schema and connections ---------------------------------------------------------
 
     async def create_schema(self) -> None:
-        """Create the tables and indexes if they do not exist (idempotent, safe to repeat)."""
+        """Create the tables, or upgrade them to the newest schema revision (idempotent).
+
+        Runs this version's migrations that the database lacks, under the schema lock of
+        the table prefix: any number of stores and processes may call it at once. Tables
+        from before migrations are stamped with the revision they match, then upgraded.
+        """
+        from agentevents.stores.sql import migrations
+
         self._check_open()
         async with self._schema_lock:
-            async with self._open(write=True) as conn:
-                await conn.run_sync(self._tables.metadata.create_all, checkfirst=True)
+            async with self._schema_transaction() as conn:
+                await conn.run_sync(migrations.upgrade, self.table_prefix)
             self._schema_ready = True
 
+    async def schema_revision(self) -> str | None:
+        """The schema revision of this store's tables; None if they are not versioned.
+
+        None means no tables, or tables created before migrations existed (which
+        :meth:`create_schema` stamps). Never creates anything.
+        """
+        from agentevents.stores.sql import migrations
+
+        self._check_open()
+        async with self._open(write=False) as conn:
+            return await conn.run_sync(migrations.current_revision, self.table_prefix)
+
     async def drop_schema(self) -> None:
-        """Drop this store's tables (those of its table prefix) and everything in them."""
+        """Drop this store's tables (those of its table prefix) with everything in them, and
+        its schema revision."""
+        from agentevents.stores.sql import migrations
+
         self._check_open()
         async with self._schema_lock:
-            async with self._open(write=False) as conn:
-                await conn.run_sync(self._tables.metadata.drop_all, checkfirst=True)
+            async with self._schema_transaction() as conn:
+                await conn.run_sync(migrations.drop, self.table_prefix)
             self._schema_ready = False
+
+    @contextlib.asynccontextmanager
+    async def _schema_transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction holding the table prefix's schema lock, across processes.
+
+        SQLite: ``BEGIN IMMEDIATE`` (the database's write lock). PostgreSQL:
+        ``pg_advisory_xact_lock`` on a key of its own, released at COMMIT. MySQL/MariaDB:
+        ``GET_LOCK``, released after the commit, so that the next holder sees the revision.
+        Appends do not take this lock (nor the schema changes the commit-order lock).
+        """
+        name = f"agentevents-schema:{self.table_prefix}"[:64]
+        async with self._open(write=self._sqlite) as conn:
+            if self._backend == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": _lock_key(name)})
+                yield conn
+            elif self._backend in ("mysql", "mariadb"):
+                got = await conn.scalar(text("SELECT GET_LOCK(:name, :timeout)"),
+                                        {"name": name, "timeout": SCHEMA_LOCK_TIMEOUT})
+                if got != 1:
+                    raise StoreError(
+                        f"timed out after {SCHEMA_LOCK_TIMEOUT} s waiting for the schema lock "
+                        f"{name!r} at {self._shown}; another schema change holds it"
+                    )
+                try:
+                    yield conn
+                    await conn.commit()
+                finally:
+                    try:
+                        await conn.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+                    except Exception:  # the session must not keep the lock: end it
+                        with contextlib.suppress(Exception):
+                            await conn.invalidate()
+            else:
+                yield conn
 
     def _check_open(self) -> None:
         if self._closed:
@@ -286,7 +419,8 @@ class SqlEventStore(EventStore):
             )
         hint = ""
         if isinstance(exc, (ProgrammingError, OperationalError)) and not self._auto_schema:
-            hint = " (if its tables do not exist yet, run `await store.create_schema()` once)"
+            hint = (" (if its tables do not exist yet, run `await store.create_schema()` or "
+                    "`agentevents schema upgrade` once)")
         return StoreError(f"the event store at {self._shown} failed: {reason}{hint}")
 
     # -- writing ------------------------------------------------------------------------
@@ -307,6 +441,8 @@ class SqlEventStore(EventStore):
             try:
                 async with self._transaction(write=True) as conn:
                     recorded = await self._insert(conn, stream_id, events, rows, expected_version)
+                    if recorded:
+                        await self._record_append(conn, recorded)
                 break
             except _Collision:
                 pass
@@ -321,10 +457,29 @@ class SqlEventStore(EventStore):
             # losers do not all collide again.
             await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))
         if recorded:
-            async with self._appended:
-                self._seen_head = max(self._seen_head, recorded[-1].position)
-                self._appended.notify_all()
+            self._saw_position(recorded[-1].position)
         return recorded
+
+    async def _record_append(self, conn: AsyncConnection, recorded: list[RecordedEvent]) -> None:
+        """In the append's transaction: outbox rows, and the PostgreSQL notification."""
+        if self._outbox:
+            await conn.execute(insert(self._tables.outbox),
+                               [{"position": r.position} for r in recorded])
+        if self._backend == "postgresql":
+            await conn.execute(text("SELECT pg_notify(:channel, :position)"),
+                               {"channel": self._channel,
+                                "position": str(recorded[-1].position)})
+
+    def _saw_position(self, position: int) -> None:
+        """Events up to ``position`` are committed: wake the waiters below it."""
+        if position > self._seen_head:
+            self._seen_head = position
+            self._wake()
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
 
     async def _insert(
         self,
@@ -428,6 +583,15 @@ class SqlEventStore(EventStore):
         )
 
     async def query(self, query: EventQuery) -> list[RecordedEvent]:
+        return await self._records(self._query_statement(query))
+
+    def _query_statement(self, query: EventQuery) -> Select[Any]:
+        """The SELECT that serves ``query`` (separate, so tests can EXPLAIN it).
+
+        The index per read path: source (+ time range) ``{prefix}events_source_ix``,
+        correlation id ``..._correlation_ix``, types ``..._type_ix``, time range
+        ``..._time_ix``, stream ``..._stream_uq``, position alone the primary key.
+        """
         t = self._tables.events
         stmt = select(t).where(t.c.position > query.after_position)
         if query.types is not None:
@@ -445,7 +609,7 @@ class SqlEventStore(EventStore):
         stmt = stmt.order_by(t.c.position)
         if query.limit is not None:
             stmt = stmt.limit(max(query.limit, 0))
-        return await self._records(stmt)
+        return stmt
 
     async def _records(self, stmt: Select[Any]) -> list[RecordedEvent]:
         async with self._transaction() as conn:
@@ -480,28 +644,135 @@ class SqlEventStore(EventStore):
         )
 
     async def wait_for_append(self, after_position: int, timeout: float) -> None:
-        """Return when this store appended past ``after_position``, or after ``timeout``.
+        """Return when events past ``after_position`` are known to exist, or after ``timeout``.
 
-        Appends by this store object wake waiters at once; appends by other processes (or
-        other store objects) are found by the caller's next read after the timeout, so
-        ``timeout`` is the polling interval for those.
+        Appends by this store object wake waiters at once. On PostgreSQL so do appends by
+        any other process or store object (LISTEN/NOTIFY on a dedicated connection, opened
+        by the first call); while that connection is down, and on SQLite and
+        MySQL/MariaDB, other writers' events are found by the caller's next read after
+        the timeout, so ``timeout`` is the polling interval for those.
         """
         self._check_open()
-        async with self._appended:
-            if self._seen_head > after_position:
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._appended.wait()
+        if self._listener is not None:
+            self._listener.start()
+        if self._seen_head > after_position:
+            return
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        wakeup = self._wakeup
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await wakeup.wait()
 
     async def close(self) -> None:
         """Release the connection pool (idempotent); later calls raise StoreClosedError."""
         if self._closed:
             return
         self._closed = True
-        async with self._appended:
-            self._appended.notify_all()
+        self._wake()
+        if self._listener is not None:
+            await self._listener.close()
         await self._engine.dispose()
+
+    # -- the outbox (agentevents.core.outbox.Outbox) -------------------------------------
+
+    @property
+    def outbox_enabled(self) -> bool:
+        """Whether appends through this store object record their events in the outbox."""
+        return self._outbox
+
+    def _check_outbox(self) -> None:
+        self._check_open()
+        if not self._outbox:
+            raise OutboxNotEnabledError(repr(self))
+
+    async def acquire_relay_lease(self, name: str, owner: str, ttl: float) -> Lease | None:
+        self._check_outbox()
+        _check_lease_names(name, owner)
+        lease = self._tables.relay_lease
+        now = _now_us()
+        expires = now + max(int(ttl * 1_000_000), 1)
+        try:
+            # The servers lock the lease row; SQLite takes its write lock up front.
+            async with self._transaction(write=self._sqlite) as conn:
+                # No locking read of a missing row: on MySQL/MariaDB that takes a gap lock,
+                # and two first relays would deadlock on their inserts.
+                row = None
+                held = await conn.scalar(select(lease.c.fence).where(lease.c.name == name))
+                if held is not None:
+                    row = (await conn.execute(
+                        select(lease.c.owner, lease.c.fence, lease.c.expires_us)
+                        .where(lease.c.name == name).with_for_update()
+                    )).first()
+                if row is None:
+                    fence = 1
+                    try:
+                        await conn.execute(insert(lease), [{
+                            "name": name, "owner": owner, "fence": fence, "expires_us": expires,
+                        }])
+                    except IntegrityError as exc:  # another relay inserted it first
+                        raise _Collision from exc
+                elif row.owner == owner or row.expires_us <= now:
+                    fence = row.fence if row.owner == owner else row.fence + 1
+                    await conn.execute(
+                        update(lease).where(lease.c.name == name)
+                        .values(owner=owner, fence=fence, expires_us=expires)
+                    )
+                else:
+                    return None
+        except _Collision:
+            return None
+        return Lease(name=name, owner=owner, fence=fence, expires_at=from_micros(expires))
+
+    async def release_relay_lease(self, lease: Lease) -> None:
+        self._check_outbox()
+        t = self._tables.relay_lease
+        async with self._transaction(write=self._sqlite) as conn:
+            await conn.execute(
+                update(t)
+                .where(t.c.name == lease.name, t.c.owner == lease.owner,
+                       t.c.fence == lease.fence)
+                .values(expires_us=0)
+            )
+
+    async def read_outbox(self, limit: int) -> list[RecordedEvent]:
+        self._check_outbox()
+        t, o = self._tables.events, self._tables.outbox
+        return await self._records(
+            select(t).join(o, o.c.position == t.c.position)
+            .order_by(o.c.position).limit(max(limit, 0))
+        )
+
+    async def mark_published(self, lease: Lease, positions: Sequence[int]) -> None:
+        self._check_outbox()
+        t, o = self._tables.relay_lease, self._tables.outbox
+        async with self._transaction(write=self._sqlite) as conn:
+            row = (await conn.execute(
+                select(t.c.owner, t.c.fence).where(t.c.name == lease.name).with_for_update()
+            )).first()
+            if row is None or (row.owner, row.fence) != (lease.owner, lease.fence):
+                raise LeaseLostError(lease.name, lease.owner, lease.fence)
+            for start in range(0, len(positions), _ID_CHUNK):
+                chunk = list(positions[start : start + _ID_CHUNK])
+                await conn.execute(delete(o).where(o.c.position.in_(chunk)))
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _check_lease_names(name: str, owner: str) -> None:
+    if not 0 < len(name) <= 64 or not 0 < len(owner) <= 128:
+        raise ConfigurationError(
+            f"relay lease name {name!r} and owner {owner!r} must be 1 to 64 and 1 to 128 "
+            "characters long"
+        )
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_xact_lock``, derived from ``name``."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big",
+                          signed=True)
 
 
 def _with_async_driver(url: URL) -> URL:
@@ -557,25 +828,17 @@ def _event_row(event: Event) -> dict[str, Any]:
 def _recorded(row: Row[Any]) -> RecordedEvent:
     """A row of the events table (all columns, in table order) as a :class:`RecordedEvent`.
 
-    Unpacked positionally (``Row`` attribute access by name costs more than the query) and
-    validated in one pydantic call, which parses the id text natively.
+    Unpacked positionally (``Row`` attribute access by name costs more than the query).
+    The values were validated as an :class:`Event` when they were appended, so they are
+    not validated again (:func:`construct_checked`): reading is bound by this per row.
     """
     (position, event_id, stream_id, stream_version, event_type, event_version, time_us,
      source, correlation_id, causation_id, key, payload, metadata, recorded_at_us) = cast(
         "tuple[Any, ...]", row)
-    event = Event.model_validate(
-        {
-            "id": event_id,
-            "type": event_type,
-            "version": event_version,
-            "time": from_micros(time_us),
-            "source": source,
-            "correlation_id": correlation_id,
-            "causation_id": causation_id,
-            "key": key,
-            "payload": json_loads(payload),
-            "metadata": json_loads(metadata),
-        }
+    event = construct_checked(
+        UUID(event_id), event_type, event_version, from_micros(time_us), source,
+        correlation_id, causation_id, key, json_loads(payload),
+        {} if metadata == "{}" else json_loads(metadata),
     )
     return RecordedEvent(
         event=event,

@@ -1,0 +1,294 @@
+"""The outbox relay: publishes what a store recorded for publication, in order, at least once.
+
+A store with the transactional outbox on (:class:`~agentevents.core.outbox.Outbox`)
+records every appended event for publication in the append's own transaction. The
+:class:`OutboxRelay` moves them to a bus::
+
+    store = create_store("postgresql+asyncpg://...?outbox=true")
+    bus = create_bus("redis://...")
+    relay = OutboxRelay(store, bus)
+    await relay.run()            # until relay.stop()
+
+or, as a process of its own: ``agentevents relay --store URL --bus URL``.
+
+One step (:meth:`OutboxRelay.run_once`):
+
+1. take or renew the relay lease (one active relay per name; the others stand by);
+2. read the oldest ``batch_size`` events of the outbox, in global position order;
+3. ``await bus.publish_many(events)``, which returns only once the broker acknowledged
+   every event;
+4. mark them published (delete them from the outbox), fenced by the lease.
+
+Guarantees and their limits:
+
+* **At least once.** Events leave the outbox only after the bus acknowledged them. A relay
+  that crashes (even SIGKILL) between 3 and 4, or a bus that accepted part of a batch
+  before failing, means that batch is published again by the next step or the next
+  relay: consumers can receive an event twice. The copies have the same event id, the
+  idempotency key: deduplicate on it (brokers with publish dedupe, such as JetStream's
+  ``Nats-Msg-Id``, drop them themselves).
+* **Order.** Batches are published one after the other in global position order (the
+  next only once the previous one was acknowledged and marked), so the events of a stream
+  reach the bus in version order. After a crash the unfinished batch is published again:
+  those copies arrive after events that followed them, but they are duplicates; the
+  *first* copy of every event arrives in order (given a bus that applies a batch in order,
+  as every built-in one does). On Redis, a key's events of *different types* live in
+  different Redis streams, merged by the receiver on a best-effort basis: see
+  ``docs/architecture.md``.
+* **One active relay.** Run as many relay processes as you like with the same ``name``:
+  the lease (``lease_ttl``, renewed every ``lease_ttl / 3``) lets one publish; the others
+  check every ``lease_ttl / 4`` and one takes over once a dead relay's lease expires (a
+  relay that stops cleanly releases it at once). The lease's fence stops a relay that lost
+  its lease (it stalled, the others took over) from marking anything published: it gets
+  :class:`~agentevents.core.errors.LeaseLostError` and goes back to standby.
+* **Errors.** A failed publish or a store that cannot be reached is retried with backoff
+  (``retry_backoff`` doubling up to ``max_backoff``), logged each time, forever: nothing is
+  skipped. An event the bus can never accept (e.g. larger than its payload limit) therefore
+  stops the relay at that event, loudly, until it is dealt with.
+  Configuration errors (a store without the outbox) and a closed store or bus end
+  :meth:`OutboxRelay.run` with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING, Final
+
+from agentevents.core.errors import (
+    AgentEventsError,
+    BusClosedError,
+    ConfigurationError,
+    LeaseLostError,
+    OutboxNotEnabledError,
+    StoreClosedError,
+)
+from agentevents.core.outbox import Lease, Outbox
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from agentevents.core.bus import Bus
+    from agentevents.core.store import EventStore
+
+__all__ = ["DEFAULT_LEASE_TTL", "OutboxRelay"]
+
+log = logging.getLogger("agentevents.relay")
+
+#: Seconds a relay lease lasts unless renewed: a standby takes over this long after the
+#: active relay died without releasing it.
+DEFAULT_LEASE_TTL: Final = 10.0
+#: The first idle wait, in seconds, doubled up to ``idle_timeout`` while nothing comes.
+FIRST_IDLE_WAIT: Final = 0.02
+
+#: Errors after which :meth:`OutboxRelay.run` ends instead of retrying.
+_FATAL = (ConfigurationError, StoreClosedError, BusClosedError)
+
+
+class OutboxRelay:
+    """Publishes the events in ``store``'s outbox to ``bus`` (see the module docstring).
+
+    ``store`` must implement :class:`~agentevents.core.outbox.Outbox` with the outbox
+    turned on. ``name`` names the lease the relays of one store share; ``owner``
+    identifies this relay in the lease (default: name, host, pid and a random suffix;
+    it must be unique per relay instance). ``batch_size`` events are published per
+    batch. ``lease_ttl`` is how long the lease lasts unless renewed. While the outbox is
+    empty the relay waits for appends (:meth:`~agentevents.core.store.EventStore.wait_for_append`,
+    immediate on PostgreSQL) or polls, backing off up to ``idle_timeout`` seconds.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        bus: Bus,
+        *,
+        name: str = "default",
+        owner: str | None = None,
+        batch_size: int = 100,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        idle_timeout: float = 1.0,
+        retry_backoff: float = 0.1,
+        max_backoff: float = 10.0,
+    ) -> None:
+        if not isinstance(store, Outbox):
+            raise ConfigurationError(
+                f"{store!r} has no transactional outbox, so there is nothing to relay: use a "
+                "store that implements agentevents.core.outbox.Outbox (the memory and SQL "
+                "stores do) with '?outbox=true'"
+            )
+        if not store.outbox_enabled:
+            raise OutboxNotEnabledError(repr(store))
+        if batch_size < 1:
+            raise ConfigurationError(f"batch_size must be at least 1, not {batch_size}")
+        if lease_ttl <= 0 or idle_timeout <= 0:
+            raise ConfigurationError(
+                f"lease_ttl ({lease_ttl}) and idle_timeout ({idle_timeout}) must be positive"
+            )
+        self._store = store
+        self._outbox: Outbox = store
+        self._bus = bus
+        self.name = name
+        self.owner = owner or _default_owner(name)
+        self.batch_size = batch_size
+        self.lease_ttl = lease_ttl
+        self.idle_timeout = min(idle_timeout, lease_ttl / 3)
+        self.retry_backoff = retry_backoff
+        self.max_backoff = max_backoff
+        #: Events published (and then marked published) by this relay, duplicates included.
+        self.published = 0
+        self._lease: Lease | None = None
+        self._renewed_at = 0.0  # time.monotonic() of the last successful take/renew
+        self._idle_head = 0
+        self._stop_requested = False
+        self._stop_event: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        state = f"active, fence {self._lease.fence}" if self._lease else "standby"
+        return f"<OutboxRelay {self.name!r} owner={self.owner!r} {state}>"
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease this relay holds, as far as it knows; ``None`` while standing by."""
+        return self._lease
+
+    @property
+    def active(self) -> bool:
+        """Whether this relay holds the lease (it is the one publishing)."""
+        return self._lease is not None
+
+    # -- one step -------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Take or renew the lease, publish the next batch, mark it published.
+
+        Returns how many events were published: 0 when the outbox is empty or another
+        relay holds the lease. Raises what failed (the batch stays in the outbox);
+        :class:`~agentevents.core.errors.LeaseLostError` when the lease was taken over.
+        """
+        lease = await self._hold_lease()
+        if lease is None:
+            return 0
+        # The head before the read: an append committed after it is above it, so the idle
+        # wait (on head) wakes for it; anything committed before it is in this read.
+        head = await self._store.head_position()
+        batch = await self._outbox.read_outbox(self.batch_size)
+        if not batch:
+            self._idle_head = head
+            return 0
+        await self._bus.publish_many([recorded.event for recorded in batch])
+        try:
+            await self._outbox.mark_published(lease, [recorded.position for recorded in batch])
+        except LeaseLostError:
+            self._lease = None
+            raise
+        self.published += len(batch)
+        return len(batch)
+
+    async def _hold_lease(self) -> Lease | None:
+        """The lease, renewed once a third of its time has passed; None if another has it."""
+        now = time.monotonic()
+        if self._lease is not None and now - self._renewed_at < self.lease_ttl / 3:
+            return self._lease
+        had = self._lease
+        lease = await self._outbox.acquire_relay_lease(self.name, self.owner, self.lease_ttl)
+        self._lease = lease
+        if lease is not None:
+            self._renewed_at = now
+            if had is None or had.fence != lease.fence:
+                log.info("relay %r (%s) is active: it holds the outbox lease (fence %d)",
+                         self.name, self.owner, lease.fence)
+        elif had is not None:
+            log.warning("relay %r (%s) lost the outbox lease to another relay; standing by",
+                        self.name, self.owner)
+        return lease
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Relay until :meth:`stop`: the current batch is finished, then the lease released.
+
+        Retries failures with backoff (see the module docstring); ends with the error only
+        for configuration errors and a closed store or bus.
+        """
+        self._stop_event = asyncio.Event()
+        if self._stop_requested:
+            self._stop_event.set()
+        first_idle = min(FIRST_IDLE_WAIT, self.idle_timeout)
+        idle = first_idle
+        failures = 0
+        standing_by = False
+        try:
+            while not self._stop_requested:
+                try:
+                    count = await self.run_once()
+                except LeaseLostError as exc:
+                    log.warning("%s", exc)
+                    continue
+                except _FATAL:
+                    raise
+                except AgentEventsError as exc:
+                    failures += 1
+                    delay = min(self.retry_backoff * 2 ** (failures - 1), self.max_backoff)
+                    log.error("relay %r: %s; the batch stays in the outbox, retrying in %.2f s "
+                              "(attempt %d)", self.name, exc, delay, failures)
+                    await self._pause(asyncio.sleep(delay))
+                    continue
+                failures = 0
+                if count:
+                    idle = first_idle
+                    continue
+                if self._lease is None:
+                    if not standing_by:
+                        log.info("relay %r (%s) stands by: another relay holds the lease",
+                                 self.name, self.owner)
+                    standing_by = True
+                    # Jittered, so that standbys do not all ask at once.
+                    await self._pause(asyncio.sleep(self.lease_ttl / 4 * random.uniform(0.8, 1.2)))
+                    continue
+                standing_by = False
+                await self._pause(self._store.wait_for_append(self._idle_head, idle))
+                idle = min(idle * 2, self.idle_timeout)
+        finally:
+            await self._release()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the batch in progress (safe to call any time)."""
+        self._stop_requested = True
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    async def _pause(self, waiting: Awaitable[None]) -> None:
+        """Wait for ``waiting``, or less if :meth:`stop` is called meanwhile."""
+        assert self._stop_event is not None
+        waiter = asyncio.ensure_future(waiting)
+        stopper = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiter, stopper):
+                task.cancel()
+            # A failed wait (a closed store) shows again in the next step; not here.
+            await asyncio.gather(waiter, stopper, return_exceptions=True)
+
+    async def _release(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        try:
+            await self._outbox.release_relay_lease(lease)
+        except AgentEventsError as exc:  # it expires by itself
+            log.warning("relay %r could not release its lease (it expires in %.1f s): %s",
+                        self.name, self.lease_ttl, exc)
+        else:
+            log.info("relay %r (%s) released the outbox lease", self.name, self.owner)
+
+
+def _default_owner(name: str) -> str:
+    """``name@host:pid:random``, unique per relay instance, at most 128 characters."""
+    suffix = f"@{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{name[: 128 - len(suffix)]}{suffix}"
