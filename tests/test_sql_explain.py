@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Select, event
+from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from test_conformance_sql_servers import SERVERS, _reachable
 
@@ -179,22 +179,23 @@ async def _check(db: Filled, store: SqlEventStore, stmt: Select[Any], short: str
 
 
 async def _captured(store: SqlEventStore, call: Any) -> Select[Any]:
-    """The SELECT of the events table the store executes during ``await call()``."""
+    """The SELECT the store runs through its one read path during ``await call()``.
+
+    Captured at ``_records`` rather than from SQLAlchemy's events: on PostgreSQL the rows
+    are fetched by asyncpg directly, past SQLAlchemy's execution events.
+    """
     seen: list[Select[Any]] = []
-    events = f"{store.table_prefix}events"
+    original = store._records
 
-    def capture(_conn: Any, clause: Any, *_args: Any) -> None:
-        # (Not the migrations' reads, when a SQLite store creates its schema on first use.)
-        if isinstance(clause, Select) and any(getattr(table, "name", None) == events
-                                              for table in clause.get_final_froms()):
-            seen.append(clause)
+    async def recording(stmt: Select[Any]) -> Any:
+        seen.append(stmt)
+        return await original(stmt)
 
-    engine = store._engine.sync_engine
-    event.listen(engine, "before_execute", capture)
+    store._records = recording  # type: ignore[method-assign]
     try:
         await call()
     finally:
-        event.remove(engine, "before_execute", capture)
+        del store._records
     assert len(seen) == 1, seen
     return seen[0]
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import subprocess
 import sys
 import traceback
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from agentevents import (
     ANY,
@@ -253,3 +256,47 @@ def test_plugin_module_imports_no_sqlalchemy() -> None:
         "assert not [m for m in sys.modules if m.startswith('sqlalchemy')], 'imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+def _pg_or_skip() -> None:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+    except OSError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("POSTGRESQL NOT REACHABLE at 127.0.0.1:5432: CI must test on it")
+        pytest.skip("POSTGRESQL NOT REACHABLE at 127.0.0.1:5432")
+
+
+@pytest.mark.asyncio
+async def test_postgresql_reads_translate_driver_errors_and_recover() -> None:
+    # On PostgreSQL, reads go to asyncpg directly (past SQLAlchemy's error wrapping).
+    _pg_or_skip()
+    import asyncpg
+
+    store = SqlEventStore(f"{PG_URL}?table_prefix=t_{uuid.uuid4().hex[:10]}_")
+    try:
+        with pytest.raises(StoreError, match="create_schema") as info:
+            await store.read_all()
+        assert not isinstance(info.value, BackendConnectionError)
+        await store.create_schema()
+        await store.append("s", [_event()])
+        # The server ends the store's connection under it: one read fails as a lost
+        # connection, and the next gets a fresh connection from the pool.
+        async with store._engine.connect() as conn:  # the pool's one connection
+            pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        with pytest.raises(BackendConnectionError, match=r"lost the connection.*127\.0\.0\.1"):
+            await store.read_all()
+        assert len(await store.read_all()) == 1
+        await store.drop_schema()
+    finally:
+        await store.close()
