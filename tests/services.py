@@ -9,12 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 NATS_URL = os.environ.get("AGENTEVENTS_NATS_URL", "nats://127.0.0.1:4222")
 REDIS_URL = os.environ.get("AGENTEVENTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+#: The SQL servers of this machine: kind -> (host, port, base URL of the test database).
+SQL_SERVERS = {
+    "postgresql": ("127.0.0.1", 5432, "postgresql+asyncpg://postgres@127.0.0.1:5432/test"),
+    "mariadb": ("127.0.0.1", 3306, "mysql+asyncmy://root@127.0.0.1:3306/test"),
+}
+
+
+def sql_server(kind: str, purpose: str) -> str:
+    """The base URL of SQL server ``kind``; skips (laptop) or fails (``CI=true``) the
+    calling test, saying what ``purpose`` it served, when the server is not listening."""
+    host, port, base = SQL_SERVERS[kind]
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return base
+    except OSError:
+        message = f"{kind.upper()} NOT REACHABLE at {host}:{port}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: CI must {purpose} on it", pytrace=False)
+        pytest.skip(f"{message}: did not {purpose} on it")
 
 
 def require(name: str, where: str, probe: Callable[[], Awaitable[object]],

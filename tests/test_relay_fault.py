@@ -15,7 +15,6 @@ Redis or PostgreSQL not reachable: skipped on a laptop, failed under ``CI=true``
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
@@ -29,8 +28,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from services import REDIS_URL, delete_prefix, probe_redis, require
-from test_conformance_sql_servers import SERVERS, _reachable
+from services import REDIS_URL, delete_prefix, probe_redis, require, sql_server
 
 from agentevents.conformance_tests.helpers import wait_for
 from agentevents.core.bus import Bus
@@ -73,12 +71,7 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'events.db'}?outbox=true"
         return
-    host, port, base = SERVERS["postgresql"]
-    if not _reachable(host, port):
-        message = f"POSTGRESQL NOT REACHABLE at {host}:{port}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}: CI must run the relay fault test on it")
-        pytest.skip(message)
+    base = sql_server("postgresql", "run the relay fault test")
     url = f"{base}?table_prefix=t_{uuid.uuid4().hex[:10]}_&outbox=true"
     store = SqlEventStore(url)
     await store.create_schema()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -23,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services import sql_server
 from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
-from test_conformance_sql_servers import SERVERS, _reachable
 
 from agentevents import Event, EventQuery
 from agentevents.stores.sql import SqlEventStore
@@ -91,12 +90,7 @@ def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         folder: Path = tmp_path_factory.mktemp("explain")
         base = f"sqlite+aiosqlite:///{folder / 'events.db'}"
     else:
-        host, port, base = SERVERS[request.param]
-        if not _reachable(host, port):
-            message = f"{request.param.upper()} NOT REACHABLE at {host}:{port}"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{message}: CI must check the query plans on it")
-            pytest.skip(f"{message}: query plans not checked on it")
+        base = sql_server(request.param, "check the query plans")
     db = Filled(request.param, base, f"{base}?table_prefix=t_{uuid.uuid4().hex[:10]}_")
     asyncio.run(_fill(db))
     yield db

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -21,10 +20,10 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from services import SQL_SERVERS, sql_server
 from sqlalchemy import Index, MetaData, String, Table, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
-from test_conformance_sql_servers import SERVERS, _reachable
 from typer.testing import CliRunner
 
 from agentevents import Event, StoreError
@@ -78,17 +77,12 @@ def _drop_prefixed(conn: Connection, prefix: str) -> None:
             Table(name, MetaData()).drop(conn)
 
 
-@pytest.fixture(params=["sqlite", *sorted(SERVERS)])
+@pytest.fixture(params=["sqlite", *sorted(SQL_SERVERS)])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     if request.param == "sqlite":
         base = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
     else:
-        host, port, base = SERVERS[request.param]
-        if not _reachable(host, port):
-            message = f"{request.param.upper()} NOT REACHABLE at {host}:{port}"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{message}: CI must test the migrations on it")
-            pytest.skip(f"{message}: migrations not tested on it")
+        base = sql_server(request.param, "test the migrations")
     database = Database(request.param, base, f"t_{uuid.uuid4().hex[:10]}_")
     yield database
     asyncio.run(database.run(lambda conn: _drop_prefixed(conn, database.prefix)))

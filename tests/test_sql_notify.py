@@ -15,8 +15,7 @@ from contextlib import aclosing
 
 import pytest
 import pytest_asyncio
-from services import require
-from test_conformance_sql_servers import SERVERS
+from services import SQL_SERVERS, require
 
 from agentevents.conformance_tests.helpers import poll
 from agentevents.core.event import Event
@@ -24,7 +23,7 @@ from agentevents.core.store import RecordedEvent
 from agentevents.stores.sql.listen import application_name
 from agentevents.stores.sql.store import SqlEventStore
 
-PG_URL = SERVERS["postgresql"][2]
+PG_URL = SQL_SERVERS["postgresql"][2]
 #: Longer than any test may take: a follower woken in time was woken by NOTIFY.
 POLL_TIMEOUT = 30.0
 BOUND = 5.0

@@ -9,15 +9,14 @@ skips its tests loudly on a laptop and fails them under ``CI=true``.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from services import SQL_SERVERS, sql_server
 from sqlalchemy import select, text
-from test_conformance_sql_servers import SERVERS, _reachable
 from test_relay import RecordingTransport
 
 from agentevents.backends.memory import MemoryTransport
@@ -37,19 +36,14 @@ from agentevents.relay import OutboxRelay
 from agentevents.stores.sql.store import SqlEventStore
 
 
-@pytest_asyncio.fixture(params=["sqlite", *sorted(SERVERS)])
+@pytest_asyncio.fixture(params=["sqlite", *sorted(SQL_SERVERS)])
 async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh table prefix on each database, with the outbox on; dropped afterwards."""
     prefix = f"t_{uuid.uuid4().hex[:10]}_"
     if request.param == "sqlite":
         base = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
     else:
-        host, port, base = SERVERS[request.param]
-        if not _reachable(host, port):
-            message = f"{request.param.upper()} NOT REACHABLE at {host}:{port}"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{message}: CI must run the outbox tests on it")
-            pytest.skip(message)
+        base = sql_server(request.param, "run the outbox tests")
     url = f"{base}?table_prefix={prefix}&outbox=true"
     store = SqlEventStore(url)
     await store.create_schema()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services import sql_server
 from sqlalchemy import text
 
 from agentevents import (
@@ -258,27 +258,13 @@ def test_plugin_module_imports_no_sqlalchemy() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-
-
-def _pg_or_skip() -> None:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-    except OSError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("POSTGRESQL NOT REACHABLE at 127.0.0.1:5432: CI must test on it")
-        pytest.skip("POSTGRESQL NOT REACHABLE at 127.0.0.1:5432")
-
-
 @pytest.mark.asyncio
 async def test_postgresql_reads_translate_driver_errors_and_recover() -> None:
     # On PostgreSQL, reads go to asyncpg directly (past SQLAlchemy's error wrapping).
-    _pg_or_skip()
     import asyncpg
 
-    store = SqlEventStore(f"{PG_URL}?table_prefix=t_{uuid.uuid4().hex[:10]}_")
+    base = sql_server("postgresql", "test reads through asyncpg")
+    store = SqlEventStore(f"{base}?table_prefix=t_{uuid.uuid4().hex[:10]}_")
     try:
         with pytest.raises(StoreError, match="create_schema") as info:
             await store.read_all()
