@@ -34,13 +34,14 @@ from agentevents.backends.redis.transport import (  # noqa: E402
     DEFAULT_MAX_PAYLOAD_BYTES,
     RedisBusConfig,
     RedisTransport,
+    _order,
     group_name,
 )
 from agentevents.conformance_tests.helpers import Collector  # noqa: E402
 from agentevents.core.bus import Bus  # noqa: E402
-from agentevents.core.codec import decode_event  # noqa: E402
+from agentevents.core.codec import decode_event, encode_event  # noqa: E402
 from agentevents.core.errors import ConfigurationError, PublishError  # noqa: E402
-from agentevents.core.event import Event  # noqa: E402
+from agentevents.core.event import Event, new_event_id  # noqa: E402
 from agentevents.plugins.registry import create_bus  # noqa: E402
 
 require("REDIS", REDIS_URL, probe_redis)
@@ -134,6 +135,34 @@ class TestUrls:
         assert not bus.capabilities.ordered_per_key
 
 
+# -- ordering across streams ------------------------------------------------------------------
+
+
+class TestOrder:
+    def test_millisecond_then_publish_time_then_sequence(self) -> None:
+        assert _order(b"4-9", {b"pt": b"99"}) < _order(b"5-0", {b"pt": b"1"})
+        # Within one millisecond ``pt`` decides, whatever the event ids (never compared).
+        assert (_order(b"5-3", {b"pt": b"10", b"id": b"z"})
+                < _order(b"5-0", {b"pt": b"11", b"id": b"a"}))
+        assert _order(b"5-0", {b"pt": b"10"}) < _order(b"5-1", {b"pt": b"10"})
+        assert _order(b"5-7", {b"pt": b"10"}) == (5, 10, 7)
+
+    def test_entries_without_a_numeric_pt_order_first_in_their_millisecond(self) -> None:
+        assert _order(b"5-7", {b"body": b"{}"}) == (5, 0, 7)
+        assert _order(b"5-7", {b"pt": b"soon"}) == (5, 0, 7)
+        assert _order(b"5-7", {b"pt": b"-3"}) == (5, 0, 7)
+        assert _order(b"5-7", None) == (5, 0, 7)
+        assert _order(b"5-7", {}) < _order(b"5-0", {b"pt": b"1"})
+
+    def test_publish_times_strictly_increase_per_transport(self) -> None:
+        transport = RedisTransport(RedisBusConfig())  # no connection is made
+        stamps = [transport._stamp() for _ in range(1000)]
+        assert stamps == sorted(set(stamps))  # strictly increasing
+        assert abs(stamps[0] - time.time_ns() // 1000) < 60_000_000
+        transport._last_pt = 10**18  # the clock went back: still above the last one
+        assert transport._stamp() == 10**18 + 1
+
+
 # -- what is stored in Redis ----------------------------------------------------------------
 
 
@@ -160,9 +189,30 @@ class TestWireFormat:
         assert fields["key"] == b"order-9"
         assert fields["source"] == b"agent-1"
         assert fields["time"].decode() == event.time.isoformat()
+        stamp = int(fields["pt"])  # publish time, microseconds
+        assert abs(stamp - time.time_ns() // 1000) < 60_000_000
         document = orjson.loads(fields["body"])
         assert document["specversion"] == "1.0"
         assert decode_event(fields["body"]) == event
+
+    async def test_entries_of_other_clients_need_no_publish_time(
+        self, url: str, prefix: str, buses: list[Bus]
+    ) -> None:
+        """An entry another client wrote with only ``body`` (no ``pt``) is delivered too."""
+        bus = create_bus(url)
+        buses.append(bus)
+        ours = Event(type="ext.ours", payload={"n": 1})
+        theirs = Event(type="ext.theirs", payload={"n": 2})
+        await bus.publish(ours)
+        client = _sync_client()
+        try:
+            client.sadd(f"{prefix}:types", "ext.theirs")
+            client.xadd(f"{prefix}:stream:ext.theirs", {"body": encode_event(theirs)})
+        finally:
+            client.close()
+        received = Collector("member")
+        await bus.subscribe("ext.>", received, group="mixed", start="earliest")
+        await received.wait_for_events([ours, theirs])
 
     async def test_maxlen_caps_each_stream(self, url: str, prefix: str,
                                            buses: list[Bus]) -> None:
@@ -432,3 +482,66 @@ async def test_lone_member_keeps_key_order_across_streams_with_a_backlog(
         await asyncio.sleep(0.02)
     for key in keys:
         assert order.get(key) == list(range(60)), f"key {key} out of order: {order.get(key)}"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("group", ["relayed", None])
+async def test_lone_member_keeps_publish_order_when_ids_are_older_than_publishing(
+    url: str, prefix: str, buses: list[Bus], group: str | None
+) -> None:
+    """Events minted long before they are published (an outbox relay publishes ids minted
+    earlier, by several writers): the merge of several streams must follow publish order,
+    not event-id order. Each batch is ``L`` (type a, another key, minted last), then one
+    key's ``X`` (type a, v1) and ``Y`` (type b, v2): ``L``'s id is above both, ``X`` and
+    ``Y`` share a key but not a stream."""
+    batches = 8
+    publish_order: list[str] = []
+    planned: list[list[Event]] = []
+    for n in range(batches):
+        x, y, last = new_event_id(), new_event_id(), new_event_id()  # x < y < last
+        batch = [
+            Event(id=last, type="relay.a", source="s", key=f"other{n}", payload={"name": f"L{n}"}),
+            Event(id=x, type="relay.a", source="s", key=f"k{n}", payload={"name": f"X{n}"}),
+            Event(id=y, type="relay.b", source="s", key=f"k{n}", payload={"name": f"Y{n}"}),
+        ]
+        planned.append(batch)
+        publish_order += [str(e.payload["name"]) for e in batch]
+    got: list[str] = []
+
+    async def handler(event: Event) -> None:
+        got.append(str(event.payload.get("name", "")))
+
+    publisher = create_bus(url)
+    buses.append(publisher)
+    consumer = create_bus(url)
+    buses.append(consumer)
+    if group is None:  # ephemeral: receives what is published after it subscribed
+        await consumer.subscribe("relay.>", handler, max_in_flight=1)
+        # Both streams must exist before the subscriber's first read of them.
+        await publisher.publish_many([Event(type="relay.a"), Event(type="relay.b")])
+        await asyncio.sleep(0.5)
+        got.clear()
+    for batch in planned:  # a backlog for the group member: one read sees several batches
+        await publisher.publish_many(batch)
+    if group is not None:
+        await consumer.subscribe("relay.>", handler, group=group, start="earliest",
+                                 max_in_flight=1)
+    deadline = time.monotonic() + 20
+    while len(got) < len(publish_order) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    got = [name for name in got if name]  # (the ephemeral warm-up events have no name)
+    for n in range(batches):
+        mine = [name for name in got if name in (f"X{n}", f"Y{n}")]
+        assert mine == [f"X{n}", f"Y{n}"], f"key k{n} out of order: {got}"
+    assert got == publish_order
+
+    # The test is only meaningful if some batches tied across streams: Y in the same Redis
+    # millisecond as L (pipelined XADDs nearly always are).
+    client = _sync_client()
+    try:
+        millis = {entry[1][b"id"].decode(): int(entry[0].split(b"-")[0])
+                  for stream in ("relay.a", "relay.b")
+                  for entry in client.xrange(f"{prefix}:stream:{stream}")}
+    finally:
+        client.close()
+    assert any(millis[str(batch[0].id)] == millis[str(batch[2].id)] for batch in planned)

@@ -30,8 +30,11 @@ every ``<prefix>`` below is ``{<prefix>}``, see *Redis Cluster*):
 
 ``<prefix>:stream:<event type>``
     One stream per event type. Each entry has flat fields: ``id`` (event id), ``type``,
-    ``key`` (only if set), ``source`` and ``time`` (ISO 8601; absent for raw messages) and
-    ``body``, the structured-mode CloudEvents JSON document that consumers decode.
+    ``key`` (only if set), ``source`` and ``time`` (ISO 8601; absent for raw messages),
+    ``pt`` (publish time: the publishing transport's clock in microseconds when it sent
+    the entry, strictly increasing per transport; see *Receiving*) and ``body``, the
+    structured-mode CloudEvents JSON document that consumers decode. Entries written by
+    other clients need only ``body`` (``type`` defaults to the stream's event type).
 ``<prefix>:types``
     A SET of every event type ever published (the streams that exist). A publisher adds a
     type (in the same pipeline, before the ``XADD``) the first time it publishes it.
@@ -61,9 +64,16 @@ a new stream after the group began is missed. Each member is a Redis consumer na
 
 Receiving (one member): ``XREADGROUP ... BLOCK <= 1 s COUNT n STREAMS <all matching> >``.
 Entries of several streams are merged in publish order as far as Redis can tell: by the
-entry's millisecond, then the event id (UUIDv7, monotonic per publishing process), so a
-lone member sees one publisher's events in publish order even when a key's events have
-different types. Redis applies ``COUNT`` per stream, so a stream that returned a full
+entry's millisecond (the server's clock, one for all streams), then ``pt``, then the
+entry's sequence number. ``pt`` is given in the order entries go into a publish pipeline
+and never repeats or decreases within one transport (``max(last + 1, now in µs)``), so a
+lone member sees one publisher's events in exactly its publish order even when a key's
+events have different types, and even when their event ids are not in publish order
+(ids minted long before publishing, as by an outbox relay: the event id plays no part).
+Entries of different publishers within one Redis millisecond are ordered by their clocks,
+which is the best Redis can tell about events that were published concurrently. Entries
+without a numeric ``pt`` (written by other clients) order as ``pt = 0``: first within
+their millisecond. Redis applies ``COUNT`` per stream, so a stream that returned a full
 ``COUNT`` may hold older entries than another stream returned: entries beyond the earliest
 such "horizon" wait in a local buffer (they are already in this member's pending list)
 until the next read of the full streams has caught up; buffered entries that waited longer
@@ -365,14 +375,18 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-Order = tuple[int, bytes, int]
+#: ``(Redis millisecond, pt, entry sequence)``, see :func:`_order`.
+Order = tuple[int, int, int]
 
 
 def _order(entry_id: bytes, fields: dict[bytes, bytes] | None) -> Order:
-    """Sort key approximating publish order across streams: Redis' millisecond, then the
-    event id (UUIDv7, monotonic per publishing process), then the entry sequence."""
+    """Sort key of an entry, publish order across streams as far as Redis can tell: the
+    entry's millisecond, then ``pt`` (the publisher's publish time in microseconds,
+    strictly increasing per transport; 0 when absent or not a number, as in entries
+    written by other clients), then the entry's sequence number."""
     ms, _, seq = entry_id.partition(b"-")
-    return int(ms), (fields or {}).get(b"id", b""), int(seq or b"0")
+    stamp = (fields or {}).get(b"pt", b"")
+    return int(ms), int(stamp) if stamp.isdigit() else 0, int(seq or b"0")
 
 
 def _after(server_ms: int) -> str:
@@ -433,6 +447,8 @@ class RedisTransport(Transport):
             max_payload_bytes=config.max_payload_bytes,
         )
         self._known_types: set[str] = set()
+        #: The last ``pt`` given to an entry (see :meth:`_stamp`).
+        self._last_pt = 0
         self._queue: list[tuple[Sequence[OutboundMessage], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._sending = False
@@ -494,6 +510,15 @@ class RedisTransport(Transport):
 
     def __repr__(self) -> str:
         return f"<RedisTransport {self.config.display_url}>"
+
+    def _stamp(self) -> int:
+        """The next entry's ``pt``: now in microseconds, strictly above the last one.
+
+        Called in the order entries go into pipelines, and pipelines go out one at a time,
+        so ``pt`` grows in the order Redis appends this transport's entries.
+        """
+        stamp = self._last_pt = max(self._last_pt + 1, time.time_ns() // 1000)
+        return stamp
 
     def error(self, what: str, exc: BaseException) -> str:
         """A message for a client error, naming the (redacted) server."""
@@ -562,8 +587,8 @@ class RedisTransport(Transport):
                     adding[topic] = len(owners)
                     pipe.sadd(config.types_key, topic)
                     owners.append(index)
-                pipe.xadd(config.stream_key(topic), _fields(message), maxlen=config.maxlen,
-                          approximate=True)
+                pipe.xadd(config.stream_key(topic), _fields(message, self._stamp()),
+                          maxlen=config.maxlen, approximate=True)
                 owners.append(index)
         if not owners:
             return
@@ -604,7 +629,8 @@ class RedisTransport(Transport):
         """The common idle case: one event of a known type, one plain ``XADD``."""
         config = self.config
         try:
-            await self.client.xadd(config.stream_key(message.topic), _fields(message),
+            await self.client.xadd(config.stream_key(message.topic),
+                                   _fields(message, self._stamp()),
                                    maxlen=config.maxlen, approximate=True)
         except _CLIENT_ERRORS as exc:
             if not isinstance(exc, redis_errors.ResponseError):
@@ -716,7 +742,8 @@ def _read_options(count: int, block: float | None) -> list[Any]:
     return options
 
 
-def _fields(message: OutboundMessage) -> dict[Any, Any]:
+def _fields(message: OutboundMessage, stamp: int) -> dict[Any, Any]:
+    """An event stream entry's flat fields (see the module doc); ``stamp`` is its ``pt``."""
     fields: dict[Any, Any] = {"id": message.id, "type": message.topic}
     if message.key is not None:
         fields["key"] = message.key
@@ -724,6 +751,7 @@ def _fields(message: OutboundMessage) -> dict[Any, Any]:
     if event is not None:
         fields["source"] = event.source
         fields["time"] = event.time.isoformat()
+    fields["pt"] = stamp
     fields["body"] = message.body
     return fields
 
