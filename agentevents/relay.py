@@ -32,9 +32,8 @@ Guarantees and their limits:
   reach the bus in version order. After a crash the unfinished batch is published again:
   those copies arrive after events that followed them, but they are duplicates; the
   *first* copy of every event arrives in order (given a bus that applies a batch in order,
-  as every built-in one does). On Redis, a key's events of *different types* live in
-  different Redis streams, merged by the receiver on a best-effort basis: see
-  ``docs/architecture.md``.
+  as every built-in one does; on Redis a key's events of different types live in
+  different Redis streams, which a member merges in the order the relay sent them).
 * **One active relay.** Run as many relay processes as you like with the same ``name``:
   the lease (``lease_ttl``, renewed every ``lease_ttl / 3``) lets one publish; the others
   check every ``lease_ttl / 4`` and one takes over once a dead relay's lease expires (a

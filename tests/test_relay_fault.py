@@ -48,15 +48,10 @@ KILLS = 3
 #: The whole scenario (appends, kills, draining) must finish within this many seconds.
 BOUND = 60.0
 LEASE_TTL = 1.0
-#: One event type: each key's events then share one Redis stream, whose XADD order is the
-#: order the relay published in. With two types a key's events are spread over two Redis
-#: streams, and the Redis receiver merges those by (millisecond, event id), which assumes
-#: ids grow in publish order; relayed events are published in commit order, with ids minted
-#: earlier by several writers, so a lone member can get a key's v2 before its v1. That is a
-#: Redis backend limitation, reproducible without any relay: with ids x < y < z, publish
-#: [Z (type a, key k2), X (type a, key k1), Y (type b, key k1)] in one batch; a member with
-#: max_in_flight=1 receives Y before X.
-TYPES = ("relayfault.item.added",)
+#: Two event types, so each key's events are spread over two Redis streams, which the
+#: receiver merges in publish order (by the publisher's ``pt`` stamp, not the event ids,
+#: which a relay publishes long after several writers minted them).
+TYPES = ("relayfault.item.added", "relayfault.item.checked")
 
 
 @pytest.fixture
