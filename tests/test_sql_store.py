@@ -280,8 +280,11 @@ async def test_postgresql_reads_translate_driver_errors_and_recover() -> None:
             assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
         finally:
             await admin.close()
-        with pytest.raises(BackendConnectionError, match=r"lost the connection.*127\.0\.0\.1"):
+        with pytest.raises(BackendConnectionError, match=r"lost the connection.*127\.0\.0\.1") \
+                as lost:
             await store.read_all()
+        assert str(lost.value).count("lost the connection") == 1  # translated once
+        assert "create_schema" not in str(lost.value)
         assert len(await store.read_all()) == 1
         await store.drop_schema()
     finally:

@@ -122,6 +122,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from agentevents.core.errors import (
+    AgentEventsError,
     BackendConnectionError,
     ConcurrencyError,
     ConfigurationError,
@@ -177,6 +178,10 @@ COMMIT_LOCK_TIMEOUT: Final = 30
 #: Seconds a MySQL/MariaDB schema change waits for another one to finish before giving up.
 SCHEMA_LOCK_TIMEOUT: Final = 600
 _WRITE: Final = "agentevents_write"
+#: SQLSTATE classes of a lost connection (08: connection exception; 57P0x: the server or an
+#: administrator ended the session), and of a missing table or column.
+_CONNECTION_STATES: Final = ("08", "57P0")
+_MISSING_SCHEMA_STATES: Final = frozenset({"42P01", "42703"})
 _SCHEMA_HINT: Final = (" (if its tables do not exist yet, run `await store.create_schema()` or "
                        "`agentevents schema upgrade` once)")
 _ID_CHUNK: Final = 500
@@ -314,6 +319,7 @@ class SqlEventStore(EventStore):
             async with self._schema_transaction() as conn:
                 await conn.run_sync(migrations.drop, self.table_prefix)
             self._schema_ready = False
+            self._seen_head = 0  # positions start again: a stale head would wake followers
 
     @contextlib.asynccontextmanager
     async def _schema_transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -382,6 +388,8 @@ class SqlEventStore(EventStore):
                     if ordered:
                         await self._take_commit_order_lock(conn)
                     yield conn
+            except AgentEventsError:
+                raise  # translated already (BackendConnectionError is an OSError too)
             except (SQLAlchemyError, OSError) as exc:
                 raise self._translate(exc) from exc
             finally:
@@ -642,17 +650,20 @@ class SqlEventStore(EventStore):
         try:
             rows: Sequence[Any] = await driver.fetch(str(compiled), *args)
         except Exception as exc:  # asyncpg's own errors, not wrapped by SQLAlchemy
-            if getattr(exc, "sqlstate", None) is None:
-                # Not the server's answer to the query (those carry a SQLSTATE) but the
-                # client or the connection failing: SQLAlchemy did not see it, so keep the
+            state = str(getattr(exc, "sqlstate", None) or "")
+            if driver.is_closed() or not state or state.startswith(_CONNECTION_STATES):
+                # The connection or the client failed, not the query (a query's error
+                # leaves the connection open): SQLAlchemy did not see it, so keep the
                 # connection out of the pool here.
                 with contextlib.suppress(Exception):
                     await conn.invalidate()
                 raise BackendConnectionError(
                     f"lost the connection to the event store at {self._shown}: "
                     f"{_reason(exc)}") from exc
-            raise StoreError(f"the event store at {self._shown} failed: {_reason(exc)}"
-                             + ("" if self._auto_schema else _SCHEMA_HINT)) from exc
+            hint = _SCHEMA_HINT if state in _MISSING_SCHEMA_STATES and not self._auto_schema \
+                else ""
+            raise StoreError(
+                f"the event store at {self._shown} failed: {_reason(exc)}{hint}") from exc
         return rows
 
     async def stream_version(self, stream_id: str) -> int | None:

@@ -7,7 +7,9 @@ correlation indexes: a page is one ordered range of the index, and a time range 
 combines it with ``{prefix}events_time_ix``.
 
 Rebuilding the index blocks appends to the table while it is built (in one transaction
-on PostgreSQL): upgrade a large store at a quiet moment.
+on PostgreSQL): upgrade a large store at a quiet moment. MySQL/MariaDB commit every DDL
+statement on its own, so there the index is swapped in one ``ALTER TABLE`` (drop and add
+together): a failure leaves the old index, never none.
 
 Revision ID: 0003
 Revises: 0002
@@ -26,13 +28,20 @@ branch_labels: str | None = None
 depends_on: str | None = None
 
 
-def upgrade() -> None:
+def _swap(columns: list[str]) -> None:
     events = f"{table_prefix()}events"
-    op.drop_index(f"{events}_source_ix", table_name=events)
-    op.create_index(f"{events}_source_ix", events, ["source", "position"])
+    index = f"{events}_source_ix"
+    if op.get_bind().dialect.name in ("mysql", "mariadb"):
+        op.execute(f"ALTER TABLE `{events}` DROP INDEX `{index}`, "
+                   f"ADD INDEX `{index}` ({', '.join(f'`{c}`' for c in columns)})")
+        return
+    op.drop_index(index, table_name=events)
+    op.create_index(index, events, columns)
+
+
+def upgrade() -> None:
+    _swap(["source", "position"])
 
 
 def downgrade() -> None:
-    events = f"{table_prefix()}events"
-    op.drop_index(f"{events}_source_ix", table_name=events)
-    op.create_index(f"{events}_source_ix", events, ["source", "event_time_us"])
+    _swap(["source", "event_time_us"])
