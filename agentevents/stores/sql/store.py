@@ -513,27 +513,21 @@ class SqlEventStore(EventStore):
              "recorded_at_us": recorded_at}
             for i, row in enumerate(rows, start=1)
         ]
-        # INSERT ... RETURNING gives the positions in the same round trip where the database
-        # can (PostgreSQL, SQLite, MariaDB >= 10.5); elsewhere they are read back.
-        returning = conn.dialect.insert_executemany_returning_sort_by_parameter_order
+        # The positions are read back in a second statement. INSERT ... RETURNING in order
+        # (SQLAlchemy's sort_by_parameter_order) measured no faster on PostgreSQL and
+        # MariaDB, and three times slower on SQLite (benchmarks/bench_sql.py).
         try:
-            if returning:
-                positions = (await conn.scalars(
-                    insert(t).returning(t.c.position, sort_by_parameter_order=True), params
-                )).all()
-            else:
-                await conn.execute(insert(t), params)
+            await conn.execute(insert(t), params)
         except IntegrityError as exc:
             raise _Collision from exc
-        if not returning:
-            positions = (
-                await conn.scalars(
-                    select(t.c.position)
-                    .where(t.c.stream_id == stream_id)
-                    .where(t.c.stream_version.between(base + 1, base + len(rows)))
-                    .order_by(t.c.stream_version)
-                )
-            ).all()
+        positions = (
+            await conn.scalars(
+                select(t.c.position)
+                .where(t.c.stream_id == stream_id)
+                .where(t.c.stream_version.between(base + 1, base + len(rows)))
+                .order_by(t.c.stream_version)
+            )
+        ).all()
         return [
             RecordedEvent(event=e, stream_id=stream_id, version=base + i, position=p,
                           recorded_at=now)
