@@ -42,7 +42,8 @@ class RecordingTransport(MemoryTransport):
     """The memory transport; records what the broker accepted, in order; fails on demand.
 
     ``failures`` sends fail, after accepting their first ``accept_before_failing``
-    messages; ``gate``, when set, holds every send until it is opened.
+    messages; ``gate``, when set, holds every send until it is opened; ``delay`` makes every
+    send take that many seconds (a slow broker).
     """
 
     def __init__(self, name: str) -> None:
@@ -51,12 +52,15 @@ class RecordingTransport(MemoryTransport):
         self.failures = 0
         self.accept_before_failing = 0
         self.gate: asyncio.Event | None = None
+        self.delay = 0.0
         self.calls = 0
 
     async def send(self, messages: Sequence[OutboundMessage]) -> None:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.failures > 0:
             self.failures -= 1
             accepted = list(messages[: self.accept_before_failing])

@@ -8,7 +8,8 @@ into the most specific class below, so callers never catch a client library's ty
     ├── ConfigurationError            bad URL, option or settings value
     │   ├── UnknownBackendError       no installed plugin handles the URL scheme
     │   ├── MissingDependencyError    the backend's client library (extra) is not installed
-    │   └── OutboxNotEnabledError     an outbox operation on a store without the outbox on
+    │   ├── OutboxNotEnabledError     an outbox operation on a store without the outbox on
+    │   └── RelayNameError            a relay name other than the one the outbox is relayed under
     ├── EventValidationError          an event or payload does not satisfy its schema
     │   └── UnknownEventTypeError     no payload model is registered for (type, version)
     ├── BusError
@@ -81,6 +82,29 @@ class OutboxNotEnabledError(ConfigurationError):
             "are not in the outbox and will not be relayed"
         )
         self.store = store
+
+
+class RelayNameError(ConfigurationError):
+    """A relay asked for the lease of an outbox under a name other than the one it has.
+
+    One outbox is relayed under one name: relays of different names would each delete what
+    the others published, so every bus would get only part of the events.
+    """
+
+    def __init__(self, store: str, name: str, existing: str, rename: str) -> None:
+        super().__init__(
+            f"the outbox of {store} is relayed under the name {existing!r}, so a relay named "
+            f"{name!r} may not relay it: one outbox is relayed under one name (relays of "
+            "different names would each remove what the others published, and each bus "
+            "would get only part of the events). Give every relay of this outbox the same "
+            "name (--name, OutboxRelay(name=...)). To feed several buses, relay to one bus "
+            "and bridge it to the others, or give each bus an outbox of its own (a separate "
+            "store or table prefix). To rename the relay, stop its relays and delete the old "
+            f"lease: {rename}"
+        )
+        self.store = store
+        self.name = name
+        self.existing = existing
 
 
 class EventValidationError(AgentEventsError, ValueError):
