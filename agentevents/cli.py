@@ -452,8 +452,11 @@ def relay(
     ] = 100,
     name: Annotated[
         str,
-        typer.Option(help="Relay name: relays of one store with the same name share one "
-                          "lease; one publishes, the others stand by."),
+        typer.Option(help="Relay name: the relays of one store share one lease under it; one "
+                          "publishes, the others stand by. Give every relay of an outbox "
+                          "the same name: another name is refused. To feed several buses, "
+                          "relay to one bus and bridge, or use a separate store or table "
+                          "prefix per bus; to rename, delete the old lease row."),
     ] = "default",
     lease_ttl: Annotated[
         float,

@@ -13,10 +13,10 @@ or, as a process of its own: ``agentevents relay --store URL --bus URL``.
 
 One step (:meth:`OutboxRelay.run_once`):
 
-1. take or renew the relay lease (one active relay per name; the others stand by);
+1. take or renew the relay lease (one active relay; the others stand by);
 2. read the oldest ``batch_size`` events of the outbox, in global position order;
 3. ``await bus.publish_many(events)``, which returns only once the broker acknowledged
-   every event;
+   every event, renewing the lease every ``lease_ttl / 3`` for as long as that takes;
 4. mark them published (delete them from the outbox), fenced by the lease.
 
 Guarantees and their limits:
@@ -33,18 +33,32 @@ Guarantees and their limits:
   those copies arrive after events that followed them, but they are duplicates; the
   *first* copy of every event arrives in order (given a bus that applies a batch in order,
   as every built-in one does; on Redis a key's events of different types live in
-  different Redis streams, which a member merges in the order the relay sent them).
+  different Redis streams, which a member merges by publish stamp, best effort under
+  load: see ``docs/architecture.md``).
 * **One active relay.** Run as many relay processes as you like with the same ``name``:
-  the lease (``lease_ttl``, renewed every ``lease_ttl / 3``) lets one publish; the others
-  check every ``lease_ttl / 4`` and one takes over once a dead relay's lease expires (a
-  relay that stops cleanly releases it at once). The lease's fence stops a relay that lost
-  its lease (it stalled, the others took over) from marking anything published: it gets
+  the lease (``lease_ttl``, renewed every ``lease_ttl / 3``, also while a slow bus is
+  publishing a batch and while a failed one waits to be retried) lets one publish; the
+  others check every ``lease_ttl / 4`` and one takes over once a dead relay's lease expires
+  (a relay that stops cleanly releases it at once). A relay that finds its lease lost
+  while publishing (taken over, or not renewable before it expires: the store cannot be
+  reached) cancels the publish, marks nothing and stands by. The lease's fence stops a
+  relay that lost its lease without noticing (the whole process stalled, the others took
+  over) from marking anything published: it gets
   :class:`~agentevents.core.errors.LeaseLostError` and goes back to standby.
+* **One name per outbox.** The outbox is one queue, relayed under one ``name``: a relay of
+  another name is refused (:class:`~agentevents.core.errors.RelayNameError`, which ends
+  :meth:`OutboxRelay.run`), even when no relay of the first name is running. Relays of
+  two names would each remove what the others published, and each bus would get only part
+  of the events. To feed several buses, relay to one bus and bridge it to the others, or
+  give each bus an outbox of its own (another store or table prefix). To rename the relay,
+  stop its relays and delete the old lease (a SQL store's ``{prefix}relay_lease`` row).
 * **Errors.** A failed publish or a store that cannot be reached is retried with backoff
   (``retry_backoff`` doubling up to ``max_backoff``), logged each time, forever: nothing is
   skipped. An event the bus can never accept (e.g. larger than its payload limit) therefore
   stops the relay at that event, loudly, until it is dealt with.
-  Configuration errors (a store without the outbox) and a closed store or bus end
+  While active, a relay keeps renewing its lease during the backoff, so retrying a failing
+  bus never hands the lease to a standby. Configuration errors (a store without the
+  outbox, a relay name other than the outbox's) and a closed store or bus end
   :meth:`OutboxRelay.run` with the error.
 """
 
@@ -93,7 +107,8 @@ class OutboxRelay:
     """Publishes the events in ``store``'s outbox to ``bus`` (see the module docstring).
 
     ``store`` must implement :class:`~agentevents.core.outbox.Outbox` with the outbox
-    turned on. ``name`` names the lease the relays of one store share; ``owner``
+    turned on. ``name`` names the lease the relays of one store share (one name per
+    outbox: another one raises :class:`~agentevents.core.errors.RelayNameError`); ``owner``
     identifies this relay in the lease (default: name, host, pid and a random suffix;
     it must be unique per relay instance). ``batch_size`` events are published per
     batch. ``lease_ttl`` is how long the lease lasts unless renewed. While the outbox is
@@ -167,7 +182,9 @@ class OutboxRelay:
 
         Returns how many events were published: 0 when the outbox is empty or another
         relay holds the lease. Raises what failed (the batch stays in the outbox);
-        :class:`~agentevents.core.errors.LeaseLostError` when the lease was taken over.
+        :class:`~agentevents.core.errors.LeaseLostError` when the lease was taken over, or
+        could not be renewed while the batch was being published (the publish is then
+        cancelled, and nothing is marked).
         """
         lease = await self._hold_lease()
         if lease is None:
@@ -179,7 +196,10 @@ class OutboxRelay:
         if not batch:
             self._idle_head = head
             return 0
-        await self._bus.publish_many([recorded.event for recorded in batch])
+        # However long the bus takes (a failover, throttling), the lease is renewed meanwhile.
+        publishing = asyncio.ensure_future(
+            self._bus.publish_many([recorded.event for recorded in batch]))
+        await self._renewing(lease, publishing)
         try:
             await self._outbox.mark_published(lease, [recorded.position for recorded in batch])
         except LeaseLostError:
@@ -205,6 +225,73 @@ class OutboxRelay:
             log.warning("relay %r (%s) lost the outbox lease to another relay; standing by",
                         self.name, self.owner)
         return lease
+
+    async def _renewing(self, lease: Lease, work: asyncio.Future[None]) -> None:
+        """Await ``work`` (a publish, a backoff), renewing ``lease`` every ``lease_ttl / 3``.
+
+        Once the lease is lost (another relay took it over, or it could not be renewed
+        before it expired), cancels ``work`` and raises
+        :class:`~agentevents.core.errors.LeaseLostError`: this relay must stop publishing at
+        once, so that two relays never publish side by side. ``work``'s error is raised as is.
+        """
+        try:
+            while True:
+                due = self._renewed_at + self.lease_ttl / 3 - time.monotonic()
+                done, _ = await asyncio.wait({work}, timeout=max(due, 0.0))
+                if done:
+                    break
+                if not await self._renew(lease):
+                    raise LeaseLostError(lease.name, lease.owner, lease.fence)
+        finally:
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        work.result()
+
+    async def _renew(self, lease: Lease) -> bool:
+        """Renew ``lease`` (the heartbeat); False once it is lost, and then standing by.
+
+        A store error is retried until the lease would expire (by this relay's clock, from
+        its last renewal); the lease counts as lost from then on.
+        """
+        expires = self._renewed_at + self.lease_ttl
+        while (left := expires - time.monotonic()) > 0:
+            now = time.monotonic()
+            try:
+                async with asyncio.timeout(left):
+                    renewed = await self._outbox.acquire_relay_lease(
+                        self.name, self.owner, self.lease_ttl)
+            except TimeoutError:
+                break
+            except _FATAL:
+                raise
+            except AgentEventsError as exc:
+                log.warning("relay %r (%s) could not renew its lease (%s); it expires in "
+                            "%.2f s", self.name, self.owner, exc, left)
+                await asyncio.sleep(min(self.lease_ttl / 10, max(left, 0.0)))
+                continue
+            if renewed is not None and renewed.fence == lease.fence:
+                self._lease, self._renewed_at = renewed, now
+                return True
+            log.warning("relay %r (%s) lost the outbox lease to another relay during a "
+                        "batch; it stops publishing and stands by", self.name, self.owner)
+            self._lease = None
+            return False
+        log.warning("relay %r (%s) could not renew the outbox lease before it expired; it "
+                    "stops publishing and stands by", self.name, self.owner)
+        self._lease = None
+        return False
+
+    async def _backoff(self, delay: float) -> None:
+        """Sleep ``delay`` seconds before a retry, keeping the lease meanwhile if active."""
+        lease = self._lease
+        if lease is None:
+            await asyncio.sleep(delay)
+            return
+        try:
+            await self._renewing(lease, asyncio.ensure_future(asyncio.sleep(delay)))
+        except LeaseLostError as exc:
+            log.warning("%s", exc)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -235,7 +322,7 @@ class OutboxRelay:
                     delay = min(self.retry_backoff * 2 ** (failures - 1), self.max_backoff)
                     log.error("relay %r: %s; the batch stays in the outbox, retrying in %.2f s "
                               "(attempt %d)", self.name, exc, delay, failures)
-                    await self._pause(asyncio.sleep(delay))
+                    await self._pause(self._backoff(delay))
                     continue
                 failures = 0
                 if count:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,11 @@ from agentevents.cli import app
 from agentevents.conformance_tests.helpers import Collector, wait_for
 from agentevents.core.bus import Bus
 from agentevents.core.errors import (
+    BackendConnectionError,
     ConfigurationError,
     LeaseLostError,
     OutboxNotEnabledError,
+    RelayNameError,
     StoreClosedError,
 )
 from agentevents.core.event import Event
@@ -188,10 +190,14 @@ async def test_the_fence_stops_a_relay_that_stalled_past_its_lease(
     store: MemoryEventStore, bus: Bus, transport: RecordingTransport, name: str
 ) -> None:
     recorded = await _append(store, 6)
-    stalled = OutboxRelay(store, bus, batch_size=3, lease_ttl=0.2, owner="stalled")
+    # A long lease: its heartbeat does not run during the test, as in a process that stalled.
+    stalled = OutboxRelay(store, bus, batch_size=3, lease_ttl=30, owner="stalled")
     gate = transport.gate = asyncio.Event()
     step = asyncio.create_task(stalled.run_once())  # reads 3 events, then hangs in publish
-    await asyncio.sleep(0.3)  # ... past its lease
+    await wait_for(lambda: transport.calls == 1, what="the publish to start")
+    # ... and its lease ends behind its back (it expired while the whole process stalled).
+    assert stalled.lease is not None
+    await store.release_relay_lease(stalled.lease)
     transport.gate = None
     successor = OutboxRelay(MemoryEventStore(name, outbox=True), bus, batch_size=10,
                             owner="successor")
@@ -204,6 +210,173 @@ async def test_the_fence_stops_a_relay_that_stalled_past_its_lease(
     # The successor's copies came first; the stalled relay's late ones are duplicates.
     assert transport.sent_ids() == _ids(recorded) + _ids(recorded[:3])
     assert await store.read_outbox(10) == []
+
+
+async def _relay_all(relays: list[OutboxRelay], done: Callable[[], bool], what: str) -> None:
+    """Run ``relays`` until ``done()``, then stop them and wait for them to finish."""
+    tasks = [asyncio.create_task(relay.run()) for relay in relays]
+    try:
+        await wait_for(done, 10, what=what)
+        await asyncio.sleep(0.5)  # time for a late duplicate or a takeover to show
+    finally:
+        for relay in relays:
+            relay.stop()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*tasks)
+
+
+@pytest.mark.asyncio
+async def test_a_publish_slower_than_the_lease_keeps_it_and_nothing_is_published_twice(
+    store: MemoryEventStore, bus: Bus, transport: RecordingTransport, name: str
+) -> None:
+    """The active relay renews its lease while the bus publishes: a slow broker (failover,
+    throttling) does not let a standby take over mid-publish and publish the batch again,
+    back and forth (a duplicate storm)."""
+    recorded = await _append(store, 5)
+    transport.delay = 0.45  # every publish outlasts the 0.3 s lease
+    relays = [OutboxRelay(MemoryEventStore(name, outbox=True), bus, batch_size=2,
+                          lease_ttl=0.3, owner=f"relay-{n}") for n in range(2)]
+    await _relay_all(relays, lambda: sum(relay.published for relay in relays) >= 5,
+                     "every event published and marked")
+    assert transport.sent_ids() == _ids(recorded), "every event once, in order"
+    assert sorted(relay.published for relay in relays) == [0, 5], "one relay did it all"
+    assert await store.read_outbox(10) == []
+
+
+@pytest.mark.asyncio
+async def test_the_lease_is_renewed_while_a_failing_publish_backs_off(
+    store: MemoryEventStore, bus: Bus, transport: RecordingTransport, name: str
+) -> None:
+    """A retry backoff longer than the lease does not hand the lease to a standby."""
+    recorded = await _append(store, 5)
+    transport.failures = 2
+    active = OutboxRelay(store, bus, lease_ttl=0.3, retry_backoff=0.5, max_backoff=0.5,
+                         owner="active")
+    other_transport = RecordingTransport(f"{name}-other")
+    other_bus = Bus(other_transport)
+    standby = OutboxRelay(MemoryEventStore(name, outbox=True), other_bus, lease_ttl=0.3,
+                          owner="standby")
+    first = asyncio.create_task(active.run())
+    try:
+        await wait_for(lambda: transport.calls >= 1, what="the first (failing) publish")
+        await _relay_all([standby], lambda: active.published >= 5,
+                         "the active relay's retry to succeed")
+    finally:
+        active.stop()
+        async with asyncio.timeout(5):
+            await first
+        await other_bus.close()
+    assert transport.calls == 3
+    assert transport.sent_ids() == _ids(recorded)
+    assert other_transport.sent == []
+    assert standby.published == 0
+
+
+@pytest.mark.asyncio
+async def test_a_relay_that_loses_its_lease_mid_publish_abandons_the_batch(
+    store: MemoryEventStore, bus: Bus, transport: RecordingTransport
+) -> None:
+    recorded = await _append(store, 4)
+    relay = OutboxRelay(store, bus, lease_ttl=0.3, owner="loser")
+    gate = transport.gate = asyncio.Event()  # the broker hangs
+    step = asyncio.create_task(relay.run_once())
+    try:
+        await wait_for(lambda: transport.calls == 1, what="the publish to start")
+        # Another relay takes the lease over (as if it had expired).
+        assert relay.lease is not None
+        await store.release_relay_lease(relay.lease)
+        assert await store.acquire_relay_lease(relay.name, "taker", 30) is not None
+        async with asyncio.timeout(2):  # noticed at the next renewal, lease_ttl / 3 later
+            with pytest.raises(LeaseLostError):
+                await step
+    finally:
+        gate.set()
+    assert not relay.active
+    assert transport.sent == [], "the hanging publish was cancelled"
+    assert await store.read_outbox(10) == recorded, "nothing was marked published"
+
+
+@pytest.mark.asyncio
+async def test_a_lease_that_cannot_be_renewed_abandons_the_batch_before_it_expires(
+    store: MemoryEventStore, bus: Bus, transport: RecordingTransport,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorded = await _append(store, 4)
+    relay = OutboxRelay(store, bus, lease_ttl=0.3, owner="cut-off")
+    gate = transport.gate = asyncio.Event()  # the broker hangs
+    step = asyncio.create_task(relay.run_once())
+    try:
+        await wait_for(lambda: transport.calls == 1, what="the publish to start")
+
+        async def unreachable(*args: object) -> None:
+            raise BackendConnectionError("the store is unreachable")
+
+        monkeypatch.setattr(store, "acquire_relay_lease", unreachable)
+        async with asyncio.timeout(2):
+            with (caplog.at_level(logging.WARNING, logger="agentevents.relay"),
+                  pytest.raises(LeaseLostError)):
+                await step
+    finally:
+        gate.set()
+    assert "the store is unreachable" in caplog.text
+    assert not relay.active
+    assert transport.sent == []
+    assert await store.read_outbox(10) == recorded
+
+
+@pytest.mark.asyncio
+async def test_relays_of_one_outbox_share_one_name(
+    store: MemoryEventStore, bus: Bus, transport: RecordingTransport, name: str
+) -> None:
+    """Relays named differently (someone feeding two buses) would each remove what the
+    other published: the second name is refused, so the first bus gets every event."""
+    recorded = await _append(store, 20)
+    other_transport = RecordingTransport(f"{name}-other")
+    other_bus = Bus(other_transport)
+    first = OutboxRelay(store, bus, name="to-a", batch_size=3)
+    second = OutboxRelay(MemoryEventStore(name, outbox=True), other_bus, name="to-b",
+                         batch_size=3)
+    try:
+        assert await first.run_once() == 3
+        with pytest.raises(RelayNameError, match="same name") as info:
+            await second.run_once()
+        assert isinstance(info.value, ConfigurationError)
+        assert (info.value.name, info.value.existing) == ("to-b", "to-a")
+        async with asyncio.timeout(5):
+            with pytest.raises(RelayNameError):
+                await second.run()  # a configuration error ends run(): not retried
+        await _relay_all([first], lambda: first.published >= 20, "every event published")
+        # Refused even with no relay of the old name left (its lease released).
+        with pytest.raises(RelayNameError):
+            await second.run_once()
+    finally:
+        await other_bus.close()
+    assert transport.sent_ids() == _ids(recorded)
+    assert other_transport.sent == []
+
+
+def test_cli_relay_refuses_a_second_name(tmp_path: Path) -> None:
+    from agentevents.stores.sql.store import SqlEventStore
+
+    store_url = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}?outbox=true"
+
+    async def take_lease() -> None:
+        store = SqlEventStore(store_url)
+        try:
+            lease = await store.acquire_relay_lease("first", "someone", 10)
+            assert lease is not None
+            await store.release_relay_lease(lease)
+        finally:
+            await store.close()
+
+    asyncio.run(take_lease())
+    result = CliRunner().invoke(
+        app, ["relay", "--store", store_url, "--bus", "memory://", "--name", "second"]
+    )
+    assert result.exit_code == 2, result.output
+    output = result.output.replace("\n", " ")
+    assert "relayed under the name 'first'" in output
+    assert "relay_lease" in output
 
 
 @pytest.mark.asyncio

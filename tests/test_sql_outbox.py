@@ -27,10 +27,11 @@ from agentevents.core.errors import (
     ConfigurationError,
     DuplicateEventError,
     OutboxNotEnabledError,
+    RelayNameError,
     StoreError,
 )
 from agentevents.core.event import Event
-from agentevents.core.outbox import Outbox
+from agentevents.core.outbox import Lease, Outbox
 from agentevents.core.store import NO_STREAM
 from agentevents.relay import OutboxRelay
 from agentevents.stores.sql.store import SqlEventStore
@@ -150,6 +151,36 @@ async def test_two_relays_drain_in_order_and_only_one_publishes(url: str) -> Non
         await bus.close()
         for s in [writer, *stores]:
             await s.close()
+
+
+@pytest.mark.asyncio
+async def test_one_outbox_is_relayed_under_one_name(url: str) -> None:
+    """Relays of different names racing for a new outbox's first lease: one name wins, the
+    others are refused (not a lease row each), then and later, expired or not."""
+    stores = [SqlEventStore(url) for _ in range(6)]
+    try:
+        results = await asyncio.gather(*(
+            store.acquire_relay_lease(f"name-{n}", f"owner-{n}", 0.5)
+            for n, store in enumerate(stores)
+        ), return_exceptions=True)
+        won = [r for r in results if isinstance(r, Lease)]
+        refused = [r for r in results if isinstance(r, RelayNameError)]
+        assert len(won) == 1, results
+        assert len(refused) == 5, results
+        assert {r.existing for r in refused} == {won[0].name}
+        assert f"{stores[0].table_prefix}relay_lease" in str(refused[0])
+        lease = stores[0]._tables.relay_lease
+        async with stores[0]._engine.connect() as conn:
+            assert list(await conn.scalars(select(lease.c.name))) == [won[0].name]
+        await asyncio.sleep(0.6)  # expired: still the one name
+        with pytest.raises(RelayNameError):
+            await stores[0].acquire_relay_lease("another", "owner-x", 10)
+        again = await stores[0].acquire_relay_lease(won[0].name, "owner-x", 10)
+        assert again is not None
+        assert again.fence == won[0].fence + 1
+    finally:
+        for store in stores:
+            await store.close()
 
 
 @pytest.mark.parametrize("value", ["maybe", "2"])

@@ -10,11 +10,18 @@ tests, saying so.
 The tests share the store's outbox with whatever else uses it: they only look at the events
 of their own streams, and mark them published when done. Do not run them against a store
 whose outbox a live relay is draining: it would publish and remove the tests' events.
+
+One outbox is relayed under one name, so every test takes the relay lease under the same
+name, ``outbox_relay_name`` (``"default"``, the relay's default name), with owners of its
+own, and releases its leases when done. Against an outbox that was relayed under another
+name (the tests get :class:`~agentevents.core.errors.RelayNameError`), override that
+fixture with that name, or use fresh tables.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -24,9 +31,11 @@ import pytest
 from agentevents.conformance_tests.plugin import async_fixture
 from agentevents.core.errors import (
     ConcurrencyError,
+    ConfigurationError,
     DuplicateEventError,
     LeaseLostError,
     OutboxNotEnabledError,
+    RelayNameError,
 )
 from agentevents.core.event import Event
 from agentevents.core.outbox import Lease, Outbox
@@ -86,6 +95,42 @@ async def outbox_store(outbox_store_factory: OutboxStoreFactory) -> OutboxStore:
     return await outbox_store_factory()
 
 
+@pytest.fixture(scope="session")
+def outbox_relay_name() -> str:
+    """The relay name (lease name) the tests use: the one name of the outbox under test."""
+    return "default"
+
+
+class Leases:
+    """Takes the relay lease ``name`` for the tests, and releases every lease taken at the
+    end of the test, so that the next test finds it free."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._taken: list[tuple[OutboxStore, Lease]] = []
+
+    async def acquire(self, store: OutboxStore, owner: str, ttl: float) -> Lease | None:
+        lease: Lease | None = await store.acquire_relay_lease(self.name, owner, ttl)
+        if lease is not None:
+            self._taken.append((store, lease))
+        return lease
+
+    async def release_all(self) -> None:
+        for store, lease in reversed(self._taken):
+            with contextlib.suppress(Exception):  # stale leases change nothing anyway
+                await store.release_relay_lease(lease)
+
+
+@async_fixture
+async def leases(
+    outbox_relay_name: str, outbox_store_factory: OutboxStoreFactory
+) -> AsyncIterator[Leases]:
+    """The tests' relay leases (released before their stores close)."""
+    taken = Leases(outbox_relay_name)
+    yield taken
+    await taken.release_all()
+
+
 async def _own_pending(store: OutboxStore, streams: set[str]) -> list[RecordedEvent]:
     pending: list[RecordedEvent] = await store.read_outbox(READ_LIMIT)
     positions = [r.position for r in pending]
@@ -94,17 +139,19 @@ async def _own_pending(store: OutboxStore, streams: set[str]) -> list[RecordedEv
     return [r for r in pending if r.stream_id in streams]
 
 
-async def _publish_all(store: OutboxStore, unique: str, recorded: list[RecordedEvent]) -> None:
+async def _publish_all(store: OutboxStore, leases: Leases, unique: str,
+                       recorded: list[RecordedEvent]) -> None:
     """Mark ``recorded`` published (clean-up), under a lease of the test's own."""
-    lease = await store.acquire_relay_lease(f"{unique}-cleanup", f"{unique}-cleaner", 30)
-    assert lease is not None
+    lease = await leases.acquire(store, f"{unique}-cleaner", 30)
+    assert lease is not None, f"the relay lease {leases.name!r} is held by another relay"
     await store.mark_published(lease, [r.position for r in recorded])
     await store.release_relay_lease(lease)
 
 
 class TestOutboxRecording:
-    async def test_appends_are_recorded_in_position_order(self, outbox_store: OutboxStore,
-                                                          unique: str) -> None:
+    async def test_appends_are_recorded_in_position_order(
+        self, outbox_store: OutboxStore, leases: Leases, unique: str
+    ) -> None:
         streams = {f"{unique}-a", f"{unique}-b"}
         recorded: list[RecordedEvent] = []
         for n in range(6):
@@ -115,11 +162,12 @@ class TestOutboxRecording:
         assert outbox_store.outbox_enabled
         pending = await _own_pending(outbox_store, streams)
         assert pending == recorded
-        await _publish_all(outbox_store, unique, recorded)
+        await _publish_all(outbox_store, leases, unique, recorded)
         assert await _own_pending(outbox_store, streams) == []
 
-    async def test_a_failed_append_records_nothing(self, outbox_store: OutboxStore,
-                                                   unique: str) -> None:
+    async def test_a_failed_append_records_nothing(
+        self, outbox_store: OutboxStore, leases: Leases, unique: str
+    ) -> None:
         stream = f"{unique}-s"
         first = _event(unique)
         recorded = await outbox_store.append(stream, [first], expected_version=NO_STREAM)
@@ -132,10 +180,11 @@ class TestOutboxRecording:
         assert await outbox_store.stream_version(f"{unique}-new") is None
         assert await _own_pending(outbox_store, {stream}) == recorded
         assert await outbox_store.read_stream(stream) == recorded
-        await _publish_all(outbox_store, unique, recorded)
+        await _publish_all(outbox_store, leases, unique, recorded)
 
-    async def test_concurrent_appends_are_all_recorded_once(self, outbox_store: OutboxStore,
-                                                            unique: str) -> None:
+    async def test_concurrent_appends_are_all_recorded_once(
+        self, outbox_store: OutboxStore, leases: Leases, unique: str
+    ) -> None:
         streams = [f"{unique}-{n}" for n in range(8)]
         async with asyncio.timeout(TIMEOUT):
             results = await asyncio.gather(*(
@@ -144,7 +193,7 @@ class TestOutboxRecording:
             ))
         recorded = sorted((r for batch in results for r in batch), key=lambda r: r.position)
         assert await _own_pending(outbox_store, set(streams)) == recorded
-        await _publish_all(outbox_store, unique, recorded)
+        await _publish_all(outbox_store, leases, unique, recorded)
 
     async def test_store_without_outbox_refuses_outbox_calls(self, store: EventStore,
                                                              unique: str) -> None:
@@ -157,7 +206,7 @@ class TestOutboxRecording:
             await store.acquire_relay_lease(unique, f"{unique}-owner", 10)
 
     async def test_appends_without_the_outbox_are_not_recorded(
-        self, store: EventStore, outbox_store: OutboxStore, unique: str
+        self, store: EventStore, outbox_store: OutboxStore, leases: Leases, unique: str
     ) -> None:
         probe = f"{unique}-probe"
         await outbox_store.append(probe, [_event(unique)])
@@ -166,54 +215,71 @@ class TestOutboxRecording:
         stream = f"{unique}-s"
         await store.append(stream, [_event(unique)])
         assert await _own_pending(outbox_store, {stream}) == []
-        await _publish_all(outbox_store, unique, await _own_pending(outbox_store, {probe}))
+        await _publish_all(outbox_store, leases, unique, await _own_pending(outbox_store, {probe}))
 
 
 class TestRelayLease:
-    async def test_one_holder_renewal_keeps_the_fence(self, outbox_store: OutboxStore,
-                                                      unique: str) -> None:
-        a = await outbox_store.acquire_relay_lease(unique, f"{unique}-a", 30)
+    async def test_one_holder_renewal_keeps_the_fence(
+        self, outbox_store: OutboxStore, leases: Leases, unique: str
+    ) -> None:
+        a = await leases.acquire(outbox_store, f"{unique}-a", 30)
         assert isinstance(a, Lease)
-        assert (a.name, a.owner) == (unique, f"{unique}-a")
-        assert await outbox_store.acquire_relay_lease(unique, f"{unique}-b", 30) is None
-        renewed = await outbox_store.acquire_relay_lease(unique, f"{unique}-a", 30)
+        assert (a.name, a.owner) == (leases.name, f"{unique}-a")
+        assert await leases.acquire(outbox_store, f"{unique}-b", 30) is None
+        renewed = await leases.acquire(outbox_store, f"{unique}-a", 30)
         assert renewed is not None
         assert renewed.fence == a.fence
         assert renewed.expires_at >= a.expires_at
-        other = await outbox_store.acquire_relay_lease(f"{unique}-other", f"{unique}-b", 30)
-        assert other is not None, "leases of different names are independent"
+
+    async def test_one_outbox_is_relayed_under_one_name(
+        self, outbox_store: OutboxStore, leases: Leases, unique: str
+    ) -> None:
+        a = await leases.acquire(outbox_store, f"{unique}-a", 30)
+        assert a is not None
+        other = f"{unique}-other"
+        with pytest.raises(RelayNameError) as info:
+            await outbox_store.acquire_relay_lease(other, f"{unique}-b", 30)
+        assert isinstance(info.value, ConfigurationError)
+        assert (info.value.name, info.value.existing) == (other, leases.name)
+        await outbox_store.release_relay_lease(a)
+        with pytest.raises(RelayNameError):  # not only while the lease is held
+            await outbox_store.acquire_relay_lease(other, f"{unique}-b", 30)
+        b = await leases.acquire(outbox_store, f"{unique}-b", 30)
+        assert b is not None, "a refused name changes nothing"
+        assert b.fence == a.fence + 1
 
     async def test_expired_lease_is_taken_over_with_a_new_fence(
-        self, outbox_store: OutboxStore, unique: str
+        self, outbox_store: OutboxStore, leases: Leases, unique: str
     ) -> None:
-        a = await outbox_store.acquire_relay_lease(unique, f"{unique}-a", 0.2)
+        a = await leases.acquire(outbox_store, f"{unique}-a", 0.2)
         assert a is not None
         await asyncio.sleep(0.3)
-        b = await outbox_store.acquire_relay_lease(unique, f"{unique}-b", 30)
+        b = await leases.acquire(outbox_store, f"{unique}-b", 30)
         assert b is not None
         assert b.fence > a.fence
-        assert await outbox_store.acquire_relay_lease(unique, f"{unique}-a", 30) is None
+        assert await leases.acquire(outbox_store, f"{unique}-a", 30) is None
 
-    async def test_release_lets_another_take_over_at_once(self, outbox_store: OutboxStore,
-                                                          unique: str) -> None:
-        a = await outbox_store.acquire_relay_lease(unique, f"{unique}-a", 30)
+    async def test_release_lets_another_take_over_at_once(
+        self, outbox_store: OutboxStore, leases: Leases, unique: str
+    ) -> None:
+        a = await leases.acquire(outbox_store, f"{unique}-a", 30)
         assert a is not None
         await outbox_store.release_relay_lease(a)
-        b = await outbox_store.acquire_relay_lease(unique, f"{unique}-b", 30)
+        b = await leases.acquire(outbox_store, f"{unique}-b", 30)
         assert b is not None
         assert b.fence > a.fence
         await outbox_store.release_relay_lease(a)  # stale: changes nothing
-        assert await outbox_store.acquire_relay_lease(unique, f"{unique}-c", 30) is None
+        assert await leases.acquire(outbox_store, f"{unique}-c", 30) is None
 
     async def test_the_fence_stops_a_relay_that_lost_its_lease(
-        self, outbox_store: OutboxStore, unique: str
+        self, outbox_store: OutboxStore, leases: Leases, unique: str
     ) -> None:
         stream = f"{unique}-s"
         recorded = await outbox_store.append(stream, [_event(unique) for _ in range(4)])
-        stale = await outbox_store.acquire_relay_lease(unique, f"{unique}-a", 0.2)
+        stale = await leases.acquire(outbox_store, f"{unique}-a", 0.2)
         assert stale is not None
         await asyncio.sleep(0.3)
-        current = await outbox_store.acquire_relay_lease(unique, f"{unique}-b", 30)
+        current = await leases.acquire(outbox_store, f"{unique}-b", 30)
         assert current is not None
         with pytest.raises(LeaseLostError):
             await outbox_store.mark_published(stale, [r.position for r in recorded])
@@ -224,7 +290,7 @@ class TestRelayLease:
         assert await _own_pending(outbox_store, {stream}) == []
 
     async def test_a_lease_is_shared_by_store_objects(
-        self, outbox_store_factory: OutboxStoreFactory, unique: str
+        self, outbox_store_factory: OutboxStoreFactory, leases: Leases, unique: str
     ) -> None:
         one, two = await outbox_store_factory(), await outbox_store_factory()
         probe = f"{unique}-probe"
@@ -232,11 +298,13 @@ class TestRelayLease:
         if await two.stream_version(probe) is None:
             pytest.skip("each store object opens a private database: nothing is shared")
         assert await _own_pending(two, {probe}) == recorded
-        a = await one.acquire_relay_lease(unique, f"{unique}-a", 30)
+        a = await leases.acquire(one, f"{unique}-a", 30)
         assert a is not None
-        assert await two.acquire_relay_lease(unique, f"{unique}-b", 30) is None
+        assert await leases.acquire(two, f"{unique}-b", 30) is None
+        with pytest.raises(RelayNameError):
+            await two.acquire_relay_lease(f"{unique}-other", f"{unique}-b", 30)
         await one.release_relay_lease(a)
-        b = await two.acquire_relay_lease(unique, f"{unique}-b", 30)
+        b = await leases.acquire(two, f"{unique}-b", 30)
         assert b is not None
         await two.mark_published(b, [r.position for r in recorded])
         assert await _own_pending(one, {probe}) == []

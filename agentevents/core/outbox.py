@@ -22,7 +22,16 @@ The contract
   yet marked published, in global position order.
 * **One active relay.** Relays share a named lease (:meth:`Outbox.acquire_relay_lease`):
   one holder at a time, until the lease expires unless renewed. Every takeover of the lease
-  by a new owner increases its ``fence``.
+  by a new owner increases its ``fence``. The active relay renews its lease while it
+  publishes, so that a slow bus does not hand the lease (and the same batch) to another.
+* **One name.** The outbox is one queue, so it is relayed under one name: once a lease of
+  one name exists, asking for a lease of another name raises
+  :class:`~agentevents.core.errors.RelayNameError` and changes nothing, whether that lease
+  is held, expired or released. (Relays of two names would each remove what the others
+  published, and each bus would get only part of the events.) To feed several buses, relay
+  to one bus and bridge it to the others, or give each bus an outbox of its own (another
+  store or table prefix); to rename the relay, stop its relays and delete the old lease
+  (a SQL store's ``{prefix}relay_lease`` row).
 * **Fencing.** :meth:`Outbox.mark_published` deletes only while the caller's lease is still
   the current one (same owner and fence); otherwise it raises
   :class:`~agentevents.core.errors.LeaseLostError` and changes nothing.
@@ -85,6 +94,11 @@ class Outbox(Protocol):
         (a renewal: same fence). A takeover from another owner increases the fence.
         Returns ``None`` while another owner's lease is still valid. Owners must be unique
         per relay instance (two processes must never share an owner name).
+
+        Raises :class:`~agentevents.core.errors.RelayNameError` (changing nothing) when the
+        outbox already has a lease of another name, held or not: one outbox, one relay
+        name. Two relays of different names asking for a new outbox's first lease at once
+        must not both get it: one name wins, the other is refused.
         """
         ...
 

@@ -39,6 +39,7 @@ from agentevents.core.errors import (
     DuplicateEventError,
     LeaseLostError,
     OutboxNotEnabledError,
+    RelayNameError,
     StoreClosedError,
 )
 from agentevents.core.event import Event, utcnow
@@ -85,7 +86,7 @@ class _Log:
         self.waiters: set[asyncio.Future[None]] = set()
         #: Positions recorded for publication and not yet marked published, in order.
         self.outbox: dict[int, None] = {}
-        #: The relay leases by name.
+        #: The relay lease by name: one at most (an outbox is relayed under one name).
         self.leases: dict[str, _LeaseRow] = {}
 
     def wake(self) -> None:
@@ -334,6 +335,12 @@ class MemoryEventStore(EventStore):
         now = _now_us()
         expires = now + max(int(ttl * 1_000_000), 1)
         with self._log.mutex:
+            for existing in self._log.leases:
+                if existing != name:  # one outbox, one relay name (there is one lease at most)
+                    raise RelayNameError(
+                        repr(self), name, existing,
+                        "a memory store's lease lasts as long as its process: restart it",
+                    )
             row = self._log.leases.get(name)
             if row is None:
                 row = self._log.leases[name] = _LeaseRow(owner, 1, expires)

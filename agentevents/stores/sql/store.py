@@ -58,6 +58,9 @@ relay lease is a row of ``{prefix}relay_lease``, read ``FOR UPDATE`` (a row lock
 servers; SQLite's write lock) in the transaction that takes, renews or checks it, so a
 takeover and a fenced delete of published rows never interleave. These transactions do not
 take the commit-order lock: they do not assign positions, and so do not hold up appends.
+The one exception is the insert of an outbox's first lease row, once: under that lock, so
+that relays of two names cannot both insert one (an outbox is relayed under one name; a
+lease of another name is refused with :class:`~agentevents.core.errors.RelayNameError`).
 
 Schema
 ------
@@ -129,6 +132,7 @@ from agentevents.core.errors import (
     DuplicateEventError,
     LeaseLostError,
     OutboxNotEnabledError,
+    RelayNameError,
     StoreClosedError,
     StoreError,
 )
@@ -189,6 +193,10 @@ _ID_CHUNK: Final = 500
 
 class _Collision(Exception):
     """An insert hit a unique constraint; raised inside the transaction to roll it back."""
+
+
+class _FirstLease(Exception):
+    """The outbox has no relay lease yet: insert it under the commit-order lock."""
 
 
 class SqlEventStore(EventStore):
@@ -733,40 +741,66 @@ class SqlEventStore(EventStore):
     async def acquire_relay_lease(self, name: str, owner: str, ttl: float) -> Lease | None:
         self._check_outbox()
         _check_lease_names(name, owner)
-        lease = self._tables.relay_lease
         now = _now_us()
         expires = now + max(int(ttl * 1_000_000), 1)
         try:
-            # The servers lock the lease row; SQLite takes its write lock up front.
-            async with self._transaction(write=self._sqlite) as conn:
-                # No locking read of a missing row: on MySQL/MariaDB that takes a gap lock,
-                # and two first relays would deadlock on their inserts.
-                row = None
-                held = await conn.scalar(select(lease.c.fence).where(lease.c.name == name))
-                if held is not None:
-                    row = (await conn.execute(
-                        select(lease.c.owner, lease.c.fence, lease.c.expires_us)
-                        .where(lease.c.name == name).with_for_update()
-                    )).first()
-                if row is None:
-                    fence = 1
-                    try:
-                        await conn.execute(insert(lease), [{
-                            "name": name, "owner": owner, "fence": fence, "expires_us": expires,
-                        }])
-                    except IntegrityError as exc:  # another relay inserted it first
-                        raise _Collision from exc
-                elif row.owner == owner or row.expires_us <= now:
-                    fence = row.fence if row.owner == owner else row.fence + 1
-                    await conn.execute(
-                        update(lease).where(lease.c.name == name)
-                        .values(owner=owner, fence=fence, expires_us=expires)
-                    )
-                else:
-                    return None
+            try:
+                # The servers lock the lease row; SQLite takes its write lock up front.
+                async with self._transaction(write=self._sqlite) as conn:
+                    fence = await self._take_lease(conn, name, owner, now, expires,
+                                                   insert_first=self._sqlite)
+            except _FirstLease:
+                # No lease yet. The first one is inserted under the commit-order lock, once
+                # per outbox: relays of two names starting together cannot both insert one.
+                async with self._transaction(write=True) as conn:
+                    fence = await self._take_lease(conn, name, owner, now, expires,
+                                                   insert_first=True)
         except _Collision:
             return None
+        if fence is None:
+            return None
         return Lease(name=name, owner=owner, fence=fence, expires_at=from_micros(expires))
+
+    async def _take_lease(self, conn: AsyncConnection, name: str, owner: str, now: int,
+                          expires: int, *, insert_first: bool) -> int | None:
+        """In a transaction: take or renew the lease; its fence, or None if another holds it.
+
+        Raises :class:`RelayNameError` if the outbox has a lease of another name, and
+        ``_FirstLease`` if it has none and ``insert_first`` is false.
+        """
+        lease = self._tables.relay_lease
+        # No locking read of a missing row: on MySQL/MariaDB that takes a gap lock, and two
+        # first relays would deadlock on their inserts.
+        names = list(await conn.scalars(select(lease.c.name).order_by(lease.c.name)))
+        others = [held for held in names if held != name]
+        if others:  # one outbox is relayed under one name
+            quoted = others[0].replace("'", "''")
+            raise RelayNameError(repr(self), name, others[0],
+                                 f"DELETE FROM {lease.name} WHERE name = '{quoted}'")
+        row = None
+        if names:
+            row = (await conn.execute(
+                select(lease.c.owner, lease.c.fence, lease.c.expires_us)
+                .where(lease.c.name == name).with_for_update()
+            )).first()
+        if row is None:
+            if not insert_first:
+                raise _FirstLease
+            try:
+                await conn.execute(insert(lease), [{
+                    "name": name, "owner": owner, "fence": 1, "expires_us": expires,
+                }])
+            except IntegrityError as exc:  # another relay inserted it first
+                raise _Collision from exc
+            return 1
+        if row.owner != owner and row.expires_us > now:
+            return None
+        fence: int = row.fence if row.owner == owner else row.fence + 1
+        await conn.execute(
+            update(lease).where(lease.c.name == name)
+            .values(owner=owner, fence=fence, expires_us=expires)
+        )
+        return fence
 
     async def release_relay_lease(self, lease: Lease) -> None:
         self._check_outbox()
