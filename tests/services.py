@@ -8,9 +8,10 @@ time with an async probe that raises when the service is unusable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -37,6 +38,20 @@ def sql_server(kind: str, purpose: str) -> str:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message}: CI must {purpose} on it", pytrace=False)
         pytest.skip(f"{message}: did not {purpose} on it")
+
+
+@contextlib.asynccontextmanager
+async def sql_tables(url: str) -> AsyncIterator[str]:
+    """The schema of ``url``'s table prefix, created for a test and dropped after it."""
+    from agentevents.stores.sql.store import SqlEventStore
+
+    store = SqlEventStore(url)
+    await store.create_schema()
+    try:
+        yield url
+    finally:
+        await store.drop_schema()
+        await store.close()
 
 
 def require(name: str, where: str, probe: Callable[[], Awaitable[object]],

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from services import REDIS_URL, delete_prefix, probe_redis, require, sql_server
+from services import REDIS_URL, delete_prefix, probe_redis, require, sql_server, sql_tables
 
 from agentevents.conformance_tests.helpers import wait_for
 from agentevents.core.bus import Bus
@@ -70,13 +70,8 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         return
     base = sql_server("postgresql", "run the relay fault test")
     url = f"{base}?table_prefix=t_{uuid.uuid4().hex[:10]}_&outbox=true"
-    store = SqlEventStore(url)
-    await store.create_schema()
-    try:
+    async with sql_tables(url):
         yield url
-    finally:
-        await store.drop_schema()
-        await store.close()
 
 
 @dataclass

@@ -15,7 +15,7 @@ from contextlib import aclosing
 
 import pytest
 import pytest_asyncio
-from services import SQL_SERVERS, require
+from services import SQL_SERVERS, require, sql_tables
 
 from agentevents.conformance_tests.helpers import poll
 from agentevents.core.event import Event
@@ -42,13 +42,8 @@ require("POSTGRESQL", "127.0.0.1:5432", _probe)
 @pytest_asyncio.fixture
 async def url() -> AsyncIterator[str]:
     url = f"{PG_URL}?table_prefix=t_{uuid.uuid4().hex[:10]}_"
-    store = SqlEventStore(url)
-    await store.create_schema()
-    try:
+    async with sql_tables(url):
         yield url
-    finally:
-        await store.drop_schema()
-        await store.close()
 
 
 @pytest_asyncio.fixture

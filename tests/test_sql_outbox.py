@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from services import SQL_SERVERS, sql_server
+from services import SQL_SERVERS, sql_server, sql_tables
 from sqlalchemy import select, text
 from test_relay import RecordingTransport
 
@@ -46,13 +46,8 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
     else:
         base = sql_server(request.param, "run the outbox tests")
     url = f"{base}?table_prefix={prefix}&outbox=true"
-    store = SqlEventStore(url)
-    await store.create_schema()
-    try:
+    async with sql_tables(url):
         yield url
-    finally:
-        await store.drop_schema()
-        await store.close()
 
 
 @pytest_asyncio.fixture
