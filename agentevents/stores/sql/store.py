@@ -105,11 +105,12 @@ import hashlib
 import random
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Any, Final, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from uuid import UUID
 
 from sqlalchemy import Row, Select, delete, event, func, insert, select, text, update
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -158,10 +159,10 @@ from agentevents.stores._common import (
     url_flag,
 )
 from agentevents.stores.sql.listen import AppendListener, channel_name
-from agentevents.stores.sql.schema import DEFAULT_TABLE_PREFIX, tables
+from agentevents.stores.sql.schema import DEFAULT_TABLE_PREFIX, Tables, tables
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 
 __all__ = ["SqlEventStore"]
 
@@ -189,10 +190,58 @@ _MISSING_SCHEMA_STATES: Final = frozenset({"42P01", "42703"})
 _SCHEMA_HINT: Final = (" (if its tables do not exist yet, run `await store.create_schema()` or "
                        "`agentevents schema upgrade` once)")
 _ID_CHUNK: Final = 500
+_UNIQUE_VIOLATION: Final = "23505"
+_T = TypeVar("_T")
 
 
 class _Collision(Exception):
     """An insert hit a unique constraint; raised inside the transaction to roll it back."""
+
+
+#: The columns of an event row sent to PostgreSQL as one array each, with the array types.
+_PG_ARRAY_COLUMNS: Final = (
+    "event_id", "event_type", "event_version", "event_time_us", "source", "correlation_id",
+    "causation_id", "partition_key", "payload", "metadata",
+)
+_PG_ARRAY_TYPES: Final = ("text", "text", "int4", "int8", "text", "text", "text", "text",
+                          "text", "text")
+
+
+@dataclass(frozen=True)
+class _PostgresStatements:
+    """The SQL of an append on PostgreSQL, made once per store (asyncpg ``$n`` style)."""
+
+    max_version: str
+    insert: str
+    insert_outbox: str
+
+    @classmethod
+    def of(cls, names: Tables, dialect: Dialect) -> _PostgresStatements:
+        quote = dialect.identifier_preparer.format_table
+        events, outbox = quote(names.events), quote(names.outbox)
+        n = len(_PG_ARRAY_COLUMNS)
+        arrays = ", ".join(f"${i}::{kind}[]" for i, kind in enumerate(_PG_ARRAY_TYPES, 1))
+        cols = ", ".join(_PG_ARRAY_COLUMNS)
+        picked = ", ".join(f"r.{name}" for name in _PG_ARRAY_COLUMNS)
+        stream, base, recorded_at, channel = (f"${n + i}" for i in range(1, 5))
+        # Positions come from the sequence in the order rows are inserted: ORDER BY the
+        # ordinality makes that the batch's order. The notification is one row (an
+        # aggregate), materialised, so it is sent once per append.
+        inserted = (
+            f"WITH ins AS (INSERT INTO {events} ({cols}, stream_id, stream_version, "
+            f"recorded_at_us) SELECT {picked}, {stream}::text, {base}::int8 + r.n, "
+            f"{recorded_at}::int8 FROM unnest({arrays}) WITH ORDINALITY "
+            f"AS r({cols}, n) ORDER BY r.n RETURNING position, stream_version), "
+            f"note AS MATERIALIZED (SELECT pg_notify({channel}::text, max(position)::text) "
+            f"FROM ins)"
+        )
+        tail = " SELECT ins.position FROM ins CROSS JOIN note ORDER BY ins.stream_version"
+        return cls(
+            max_version=(f"SELECT max(stream_version) FROM {events} WHERE stream_id = $1"),
+            insert=inserted + tail,
+            insert_outbox=(inserted + f", ob AS (INSERT INTO {outbox} (position) "
+                           f"SELECT position FROM ins)" + tail),
+        )
 
 
 class _FirstLease(Exception):
@@ -272,7 +321,9 @@ class SqlEventStore(EventStore):
         self._wakeup: asyncio.Event | None = None
         self._channel = channel_name(table_prefix)
         self._listener: AppendListener | None = None
+        self._pg: _PostgresStatements | None = None
         if self._backend == "postgresql":
+            self._pg = _PostgresStatements.of(self._tables, self._engine.dialect)
             t = self._tables.events
             head_sql = str(select(func.max(t.c.position)).compile(dialect=self._engine.dialect))
             self._listener = AppendListener(
@@ -457,9 +508,15 @@ class SqlEventStore(EventStore):
             attempt += 1
             try:
                 async with self._transaction(write=True) as conn:
-                    recorded = await self._insert(conn, stream_id, events, rows, expected_version)
-                    if recorded:
-                        await self._record_append(conn, recorded)
+                    if self._pg is not None:
+                        recorded = await self._insert_postgresql(
+                            conn, stream_id, events, rows, expected_version,
+                            outbox=self._outbox)
+                    else:
+                        recorded = await self._insert(
+                            conn, stream_id, events, rows, expected_version)
+                        if recorded:
+                            await self._record_append(conn, recorded)
                 break
             except _Collision:
                 pass
@@ -478,14 +535,49 @@ class SqlEventStore(EventStore):
         return recorded
 
     async def _record_append(self, conn: AsyncConnection, recorded: list[RecordedEvent]) -> None:
-        """In the append's transaction: outbox rows, and the PostgreSQL notification."""
+        """In the append's transaction: the outbox rows (SQLite, MySQL/MariaDB)."""
         if self._outbox:
             await conn.execute(insert(self._tables.outbox),
                                [{"position": r.position} for r in recorded])
-        if self._backend == "postgresql":
-            await conn.execute(text("SELECT pg_notify(:channel, :position)"),
-                               {"channel": self._channel,
-                                "position": str(recorded[-1].position)})
+
+    async def _insert_postgresql(
+        self,
+        conn: AsyncConnection,
+        stream_id: str,
+        events: Sequence[Event],
+        rows: list[dict[str, Any]],
+        expected_version: ExpectedVersion,
+        *,
+        outbox: bool,
+    ) -> list[RecordedEvent]:
+        """:meth:`_insert` on PostgreSQL, by asyncpg itself, in two statements.
+
+        The version read, then one statement that inserts the whole batch from arrays
+        (``unnest``), records it in the outbox, notifies the followers and returns the
+        positions. It runs on the connection of the transaction ``conn`` began (the
+        commit-order lock's statement started it). Compared with SQLAlchemy's
+        ``executemany`` + position read + outbox insert + ``pg_notify`` (five round trips
+        and one Bind/Execute per row), this is what lets a batch append keep up with raw
+        inserts (``benchmarks/bench_sql.py``).
+        """
+        pg = cast("_PostgresStatements", self._pg)
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        current = await self._driver_call(conn, driver.fetchval(pg.max_version, stream_id))
+        check_expected_version(stream_id, expected_version, current)
+        if not rows:
+            return []
+        base = current or 0
+        now = utcnow()
+        columns = [[row[name] for row in rows] for name in _PG_ARRAY_COLUMNS]
+        statement = pg.insert_outbox if outbox else pg.insert
+        records = await self._driver_call(conn, driver.fetch(
+            statement, *columns, stream_id, base, to_micros(now), self._channel))
+        positions = [record[0] for record in records]
+        return [
+            RecordedEvent(event=e, stream_id=stream_id, version=base + i, position=p,
+                          recorded_at=now)
+            for i, (e, p) in enumerate(zip(events, positions, strict=True), start=1)
+        ]
 
     def _saw_position(self, position: int) -> None:
         """Events up to ``position`` are committed: wake the waiters below it."""
@@ -521,9 +613,10 @@ class SqlEventStore(EventStore):
              "recorded_at_us": recorded_at}
             for i, row in enumerate(rows, start=1)
         ]
-        # The positions are read back in a second statement. INSERT ... RETURNING in order
-        # (SQLAlchemy's sort_by_parameter_order) measured no faster on PostgreSQL and
-        # MariaDB, and three times slower on SQLite (benchmarks/bench_sql.py).
+        # SQLite and MySQL/MariaDB (PostgreSQL: _insert_postgresql). The positions are read
+        # back in a second statement: INSERT ... RETURNING in order (SQLAlchemy's
+        # sort_by_parameter_order) measured no faster on MariaDB and three times slower on
+        # SQLite (benchmarks/bench_sql.py).
         try:
             await conn.execute(insert(t), params)
         except IntegrityError as exc:
@@ -649,10 +742,20 @@ class SqlEventStore(EventStore):
         values = compiled.construct_params()
         args = [values[name] for name in compiled.positiontup or ()]
         driver: Any = (await conn.get_raw_connection()).driver_connection
+        rows: Sequence[Any] = await self._driver_call(conn, driver.fetch(str(compiled), *args))
+        return rows
+
+    async def _driver_call(self, conn: AsyncConnection, call: Awaitable[_T]) -> _T:
+        """Await a call of asyncpg itself on ``conn``'s driver connection; its errors
+        translated here, as SQLAlchemy does not see them. A unique violation (an insert's
+        collision) is :class:`_Collision`."""
         try:
-            rows: Sequence[Any] = await driver.fetch(str(compiled), *args)
+            return await call
         except Exception as exc:  # asyncpg's own errors, not wrapped by SQLAlchemy
+            driver: Any = (await conn.get_raw_connection()).driver_connection
             state = str(getattr(exc, "sqlstate", None) or "")
+            if state == _UNIQUE_VIOLATION:
+                raise _Collision from exc
             if driver.is_closed() or not state or state.startswith(_CONNECTION_STATES):
                 # The connection or the client failed, not the query (a query's error
                 # leaves the connection open): SQLAlchemy did not see it, so keep the
@@ -666,7 +769,6 @@ class SqlEventStore(EventStore):
                 else ""
             raise StoreError(
                 f"the event store at {self._shown} failed: {_reason(exc)}{hint}") from exc
-        return rows
 
     async def stream_version(self, stream_id: str) -> int | None:
         t = self._tables.events
