@@ -5,7 +5,7 @@
     agentevents demo [--bus URL] [--store URL]
     agentevents backends
     agentevents conformance --bus URL --store URL [-k EXPR] [-x] [-v]
-    agentevents schema upgrade|current|drop [--store URL]
+    agentevents schema upgrade|current|enable-outbox|drop [--store URL]
     agentevents relay --store URL --bus URL [--batch-size N] [--name NAME] [--lease-ttl S]
     agentevents version
 
@@ -344,11 +344,27 @@ async def _schema_upgrade(store: SqlEventStore) -> tuple[str | None, str | None]
         await store.close()
 
 
-async def _schema_current(store: SqlEventStore) -> str | None:
+async def _schema_current(store: SqlEventStore, head: str) -> tuple[str | None, bool]:
+    """The revision, and whether the outbox is on (only read at the head revision)."""
     try:
-        return await store.schema_revision()
+        revision = await store.schema_revision()
+        return revision, revision == head and await store.outbox_in_tables()
     finally:
         await store.close()
+
+
+async def _schema_enable_outbox(store: SqlEventStore, head: str) -> bool:
+    """Enable the outbox; whether it was on already."""
+    try:
+        was_on = await store.schema_revision() == head and await store.outbox_in_tables()
+        await store.enable_outbox()
+        return was_on
+    finally:
+        await store.close()
+
+
+_OUTBOX_ON = ("outbox: on; every append to these tables is recorded for the relay, whatever "
+              "the URL of the store that appends")
 
 
 async def _schema_drop(store: SqlEventStore) -> None:
@@ -378,6 +394,8 @@ def schema_upgrade(store: _SchemaStore = None) -> None:
     else:
         message.append_text(Text.assemble(" -> ", _revision_text(after, head), " (head)"))
     Console().print(message)
+    if sql.outbox_enabled:  # asked for with ?outbox=true: create_schema() enabled it
+        Console().print(Text(_OUTBOX_ON))
 
 
 @schema_app.command("current")
@@ -395,13 +413,13 @@ def schema_current(
         sql, shown = _sql_store(store)
         if _no_sqlite_file(store):
             asyncio.run(sql.close())
-            revision = None
+            revision, outbox = None, False
         else:
-            revision = asyncio.run(_schema_current(sql))
+            revision, outbox = asyncio.run(_schema_current(sql, head))
     message = Text.assemble(f"schema of {shown} (tables {sql.table_prefix}*): ",
                             _revision_text(revision, head))
     if revision == head:
-        message.append(" (head)")
+        message.append(" (head), outbox on" if outbox else " (head)")
     elif revision is None:
         message.append(" (no versioned tables; `agentevents schema upgrade` creates them, "
                        f"or stamps tables from before migrations; head is {head})")
@@ -410,6 +428,28 @@ def schema_current(
     Console().print(message)
     if check and revision != head:
         raise typer.Exit(1)
+
+
+@schema_app.command("enable-outbox")
+def schema_enable_outbox(store: _SchemaStore = None) -> None:
+    """Enable the transactional outbox of the store's tables (idempotent).
+
+    From then on every append to these tables, by any process and whatever its store URL,
+    records its events for the relay (`agentevents relay`) in the append's transaction.
+    Events appended before are not relayed. The tables must be at the newest revision
+    (`agentevents schema upgrade`). Returns once every running store has seen the
+    setting (about a second).
+    """
+    from agentevents.stores.sql.migrations import head_revision
+
+    with _clean_errors():
+        sql, shown = _sql_store(store)
+        was_on = asyncio.run(_schema_enable_outbox(sql, head_revision()))
+    prefix = f"outbox of {shown} (tables {sql.table_prefix}*): "
+    Console().print(Text(prefix + ("already on" if was_on else
+                                   "on; every append to these tables is recorded for the "
+                                   "relay from now on, whatever the URL of the store that "
+                                   "appends")))
 
 
 @schema_app.command("drop")
@@ -439,7 +479,8 @@ def schema_drop(
 def relay(
     store: Annotated[
         str | None,
-        typer.Option(help="Store URL, with the outbox on ('?outbox=true'). "
+        typer.Option(help="Store URL, with '?outbox=true'; a SQL store's tables must have "
+                          "the outbox enabled (`agentevents schema enable-outbox`). "
                           "[default: AGENTEVENTS_STORE_URL, then the config file]"),
     ] = None,
     bus: Annotated[
@@ -473,8 +514,10 @@ def relay(
     import signal
 
     from agentevents.core.settings import load_settings
-    from agentevents.relay import OutboxRelay
+    from agentevents.relay import OutboxRelay, check_relay_names
 
+    with _clean_errors():  # before connecting to anything
+        check_relay_names(name)
     settings = load_settings()
     store_url = store or settings.store_url
     bus_url = bus or settings.bus_url

@@ -60,6 +60,16 @@ Guarantees and their limits:
   bus never hands the lease to a standby. Configuration errors (a store without the
   outbox, a relay name other than the outbox's) and a closed store or bus end
   :meth:`OutboxRelay.run` with the error.
+* **A stored event that cannot be read** (its row was changed or damaged outside
+  agentevents: a payload that is not JSON, an id that is not a UUID, ...) is not skipped
+  and not retried: the relay publishes the events before it, then :meth:`OutboxRelay.run`
+  ends with :class:`~agentevents.core.errors.CorruptEventError`, which names its position
+  and says how to repair it or take it out of the outbox. Retrying could not help, and
+  skipping it would lose it without anyone noticing; every relay of the outbox stops at the
+  same event, so the outage shows, and the lease is released.
+* **Names.** ``name`` is 1 to :data:`MAX_NAME_LENGTH` characters and ``owner`` 1 to
+  :data:`MAX_OWNER_LENGTH` (what the SQL store's lease table holds), checked when the relay
+  is made, before any store call.
 """
 
 from __future__ import annotations
@@ -77,6 +87,7 @@ from agentevents.core.errors import (
     AgentEventsError,
     BusClosedError,
     ConfigurationError,
+    CorruptEventError,
     LeaseLostError,
     OutboxNotEnabledError,
     StoreClosedError,
@@ -89,7 +100,13 @@ if TYPE_CHECKING:
     from agentevents.core.bus import Bus
     from agentevents.core.store import EventStore
 
-__all__ = ["DEFAULT_LEASE_TTL", "OutboxRelay"]
+__all__ = [
+    "DEFAULT_LEASE_TTL",
+    "MAX_NAME_LENGTH",
+    "MAX_OWNER_LENGTH",
+    "OutboxRelay",
+    "check_relay_names",
+]
 
 log = logging.getLogger("agentevents.relay")
 
@@ -98,9 +115,26 @@ log = logging.getLogger("agentevents.relay")
 DEFAULT_LEASE_TTL: Final = 10.0
 #: The first idle wait, in seconds, doubled up to ``idle_timeout`` while nothing comes.
 FIRST_IDLE_WAIT: Final = 0.02
+#: The longest relay (lease) name and owner, in characters: what every built-in store
+#: holds (the SQL store's ``relay_lease`` columns).
+MAX_NAME_LENGTH: Final = 64
+MAX_OWNER_LENGTH: Final = 128
 
 #: Errors after which :meth:`OutboxRelay.run` ends instead of retrying.
-_FATAL = (ConfigurationError, StoreClosedError, BusClosedError)
+_FATAL = (ConfigurationError, StoreClosedError, BusClosedError, CorruptEventError)
+
+
+def check_relay_names(name: str, owner: str | None = None) -> None:
+    """Raise :class:`~agentevents.core.errors.ConfigurationError` unless ``name`` (and
+    ``owner``, if given) have a length a relay lease can hold, saying the limit."""
+    for what, value, limit in (("name", name, MAX_NAME_LENGTH),
+                               ("owner", owner, MAX_OWNER_LENGTH)):
+        if value is not None and not 0 < len(value) <= limit:
+            raise ConfigurationError(
+                f"the relay {what} {value[:80]!r}{'...' if len(value) > 80 else ''} is "
+                f"{len(value)} characters long: a relay {what} must be 1 to {limit} "
+                "characters long"
+            )
 
 
 class OutboxRelay:
@@ -110,7 +144,8 @@ class OutboxRelay:
     turned on. ``name`` names the lease the relays of one store share (one name per
     outbox: another one raises :class:`~agentevents.core.errors.RelayNameError`); ``owner``
     identifies this relay in the lease (default: name, host, pid and a random suffix;
-    it must be unique per relay instance). ``batch_size`` events are published per
+    it must be unique per relay instance); at most :data:`MAX_NAME_LENGTH` and
+    :data:`MAX_OWNER_LENGTH` characters. ``batch_size`` events are published per
     batch. ``lease_ttl`` is how long the lease lasts unless renewed. While the outbox is
     empty the relay waits for appends (:meth:`~agentevents.core.store.EventStore.wait_for_append`,
     immediate on PostgreSQL) or polls, backing off up to ``idle_timeout`` seconds.
@@ -137,6 +172,7 @@ class OutboxRelay:
             )
         if not store.outbox_enabled:
             raise OutboxNotEnabledError(repr(store))
+        check_relay_names(name, owner or None)
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be at least 1, not {batch_size}")
         if lease_ttl <= 0 or idle_timeout <= 0:
@@ -299,7 +335,9 @@ class OutboxRelay:
         """Relay until :meth:`stop`: the current batch is finished, then the lease released.
 
         Retries failures with backoff (see the module docstring); ends with the error only
-        for configuration errors and a closed store or bus.
+        for configuration errors, a closed store or bus, and a stored event that cannot be
+        read (:class:`~agentevents.core.errors.CorruptEventError`, after publishing the
+        events before it).
         """
         self._stop_event = asyncio.Event()
         if self._stop_requested:
@@ -315,6 +353,9 @@ class OutboxRelay:
                 except LeaseLostError as exc:
                     log.warning("%s", exc)
                     continue
+                except CorruptEventError as exc:
+                    log.error("relay %r (%s) stops: %s", self.name, self.owner, exc)
+                    raise
                 except _FATAL:
                     raise
                 except AgentEventsError as exc:

@@ -36,8 +36,9 @@ from agentevents.core.errors import (
 from agentevents.core.event import Event
 from agentevents.core.store import RecordedEvent
 from agentevents.core.transport import OutboundMessage
-from agentevents.relay import OutboxRelay
+from agentevents.relay import MAX_NAME_LENGTH, MAX_OWNER_LENGTH, OutboxRelay
 from agentevents.stores.memory import MemoryEventStore
+from agentevents.stores.sql.schema import LEASE_NAME_LENGTH, LEASE_OWNER_LENGTH
 
 
 class RecordingTransport(MemoryTransport):
@@ -440,6 +441,40 @@ class _NoOutbox:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(("options", "limit"), [
+    ({"name": "n" * (MAX_NAME_LENGTH + 1)}, f"1 to {MAX_NAME_LENGTH} characters"),
+    ({"name": ""}, f"1 to {MAX_NAME_LENGTH} characters"),
+    ({"owner": "o" * (MAX_OWNER_LENGTH + 1)}, f"1 to {MAX_OWNER_LENGTH} characters"),
+])  # fmt: skip
+async def test_name_and_owner_lengths_are_checked_when_the_relay_is_made(
+    store: MemoryEventStore, bus: Bus, options: dict[str, str], limit: str
+) -> None:
+    """Before any store call (the memory store itself has no limit): an error saying it."""
+    with pytest.raises(ConfigurationError, match=limit):
+        OutboxRelay(store, bus, **options)  # type: ignore[arg-type]
+    longest = OutboxRelay(store, bus, name="n" * MAX_NAME_LENGTH, owner="o" * MAX_OWNER_LENGTH)
+    assert len(OutboxRelay(store, bus, name="n" * MAX_NAME_LENGTH).owner) <= MAX_OWNER_LENGTH
+    assert await longest.run_once() == 0
+
+
+def test_the_relay_limits_are_what_the_sql_lease_table_holds() -> None:
+    assert (MAX_NAME_LENGTH, MAX_OWNER_LENGTH) == (LEASE_NAME_LENGTH, LEASE_OWNER_LENGTH)
+
+
+@pytest.mark.asyncio
+async def test_the_outbox_belongs_to_the_named_log(name: str, bus: Bus,
+                                                   transport: RecordingTransport) -> None:
+    """Store objects of a named log opened without the option record their appends once
+    one of them turned the outbox on: a writer cannot bypass the relay."""
+    relay_store = MemoryEventStore(name, outbox=True)
+    writer = MemoryEventStore.from_url(f"memory://{name}")
+    assert writer.outbox_enabled
+    recorded = await writer.append("s", [_event(1, "s")])
+    assert await _drain(OutboxRelay(relay_store, bus)) == 1
+    assert transport.sent_ids() == _ids(recorded)
+
+
+@pytest.mark.asyncio
 async def test_run_ends_when_the_store_is_closed(store: MemoryEventStore, bus: Bus) -> None:
     relay = OutboxRelay(store, bus)
     task = asyncio.create_task(relay.run())
@@ -456,6 +491,18 @@ def test_memory_store_url_takes_the_outbox_option() -> None:
     assert not MemoryEventStore.from_url("memory://").outbox_enabled
     with pytest.raises(ConfigurationError, match="outbox"):
         MemoryEventStore.from_url("memory://?outbox=perhaps")
+
+
+def test_cli_relay_checks_the_name_before_connecting(tmp_path: Path) -> None:
+    path = tmp_path / "e.db"
+    result = CliRunner().invoke(
+        app, ["relay", "--store", f"sqlite+aiosqlite:///{path}?outbox=true",
+              "--bus", "memory://", "--name", "n" * (MAX_NAME_LENGTH + 1)],
+    )
+    assert result.exit_code == 2, result.output
+    assert f"must be 1 to {MAX_NAME_LENGTH} characters long" in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output
+    assert not path.exists(), "nothing was opened"
 
 
 def test_cli_relay_refuses_a_store_without_the_outbox(tmp_path: Path) -> None:

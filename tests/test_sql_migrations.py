@@ -33,13 +33,16 @@ from agentevents.plugins import registry
 from agentevents.stores import sql
 from agentevents.stores.sql import SqlEventStore, migrations
 from agentevents.stores.sql.schema import tables
+from agentevents.stores.sql.store import _event_row
 
 with contextlib.suppress(ValueError):  # already registered (entry point, other module)
     registry.register(sql, name="sql")
 
 T = TypeVar("T")
 HEAD = migrations.head_revision()
-NAMES = ("events", "snapshots", "outbox", "relay_lease")
+NAMES = ("events", "snapshots", "outbox", "relay_lease", "settings")
+#: The tables a release made before migrations existed (``create_all``), at its newest.
+BEFORE_MIGRATIONS = ("events", "snapshots", "outbox", "relay_lease")
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,8 @@ async def test_mysql_tables_are_innodb_utf8mb4_bin(db: Database) -> None:
     names = tuple(f"{db.prefix}{name}" for name in NAMES)
     rows = await db.run(lambda conn: conn.exec_driver_sql(
         "SELECT table_name, engine, table_collation FROM information_schema.tables "
-        "WHERE table_schema = DATABASE() AND table_name IN (%s, %s, %s, %s)", names).all())
+        f"WHERE table_schema = DATABASE() AND table_name IN ({', '.join(['%s'] * len(names))})",
+        names).all())
     assert {tuple(row) for row in rows} == {(name, "InnoDB", "utf8mb4_bin") for name in names}
 
 
@@ -199,7 +203,7 @@ async def test_concurrent_upgrades_from_several_stores(db: Database) -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("created", "stamped"), [
     (("events", "snapshots"), "0001"),
-    (NAMES, "0002"),
+    (BEFORE_MIGRATIONS, "0002"),
 ])  # fmt: skip
 async def test_tables_from_before_migrations_are_stamped_then_upgraded(
     db: Database, created: tuple[str, ...], stamped: str
@@ -208,8 +212,11 @@ async def test_tables_from_before_migrations_are_stamped_then_upgraded(
     metadata = _before_migrations(db.prefix)
     chosen = [metadata.tables[f"{db.prefix}{name}"] for name in created]
     await db.run(lambda conn: metadata.create_all(conn, tables=chosen))
+    # An event written by that release (this one appends only to tables at the head).
+    row = {**_event_row(Event(type="thing.happened")), "stream_id": "s", "stream_version": 1,
+           "recorded_at_us": 0}
+    await db.run(lambda conn: conn.execute(tables(db.prefix).events.insert(), [row]))
     async with opened(db, auto_create_schema=False) as store:
-        await store.append("s", [Event(type="thing.happened")])
         assert await store.schema_revision() is None
         assert await db.run(lambda conn: migrations.unversioned_revision(conn, db.prefix)) \
             == stamped
@@ -354,6 +361,45 @@ def test_cli_upgrade_of_an_old_schema_prints_both_revisions(db: Database) -> Non
         1, f"0001 (head is {HEAD}; run `agentevents schema upgrade`)\n")
     code, output = invoke("schema", "upgrade", "--store", db.url)
     assert (code, output.split(": ", 1)[1]) == (0, f"0001 -> {HEAD} (head)\n")
+
+
+def test_cli_enable_outbox(db: Database) -> None:
+    shown = redact_url(db.url)
+    head = f"schema of {shown} (tables {db.prefix}*): {HEAD} (head)"
+    enabled = (f"outbox of {shown} (tables {db.prefix}*): on; every append to these tables is "
+               "recorded for the relay from now on, whatever the URL of the store that appends\n")
+    assert invoke("schema", "upgrade", "--store", db.url)[0] == 0
+    assert invoke("schema", "current", "--store", db.url) == (0, f"{head}\n")
+    assert invoke("schema", "enable-outbox", "--store", db.url) == (0, enabled)
+    assert invoke("schema", "enable-outbox", "--store", db.url) == (
+        0, f"outbox of {shown} (tables {db.prefix}*): already on\n")
+    assert invoke("schema", "current", "--store", db.url) == (0, f"{head}, outbox on\n")
+
+
+def test_cli_upgrade_with_outbox_true_enables_it(db: Database) -> None:
+    code, output = invoke("schema", "upgrade", "--store", f"{db.url}&outbox=true")
+    assert code == 0, output
+    assert output.splitlines()[1] == ("outbox: on; every append to these tables is recorded "
+                                      "for the relay, whatever the URL of the store that appends")
+    assert invoke("schema", "current", "--store", db.url)[1].endswith(", outbox on\n")
+
+
+def test_cli_enable_outbox_needs_the_newest_revision(db: Database) -> None:
+    async def at_0003() -> None:
+        async with opened(db) as store:
+            await store.create_schema()
+        await db.run(lambda conn: command.downgrade(
+            migrations.alembic_config(conn, db.prefix), "0003"))
+
+    asyncio.run(at_0003())
+    code, output = invoke("schema", "enable-outbox", "--store", db.url)
+    if db.kind == "sqlite":  # it upgrades its schema itself (auto_create_schema)
+        assert code == 0, output
+        return
+    assert code == 2, output
+    assert f"at schema revision 0003, not {HEAD}; upgrade them first" in output
+    assert invoke("schema", "upgrade", "--store", db.url)[0] == 0
+    assert invoke("schema", "enable-outbox", "--store", db.url)[0] == 0
 
 
 # -- CLI errors (no database needed) ---------------------------------------------------------

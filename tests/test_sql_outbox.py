@@ -1,6 +1,8 @@
 """The SQL store's outbox on SQLite, PostgreSQL and MariaDB: outbox rows are written in the
 append's transaction (a failed append writes none, and an append whose outbox row cannot be
-written stores no event), the ``outbox`` option, and relays draining it through the lease.
+written stores no event); the outbox is a setting of the tables, which every writer obeys
+whatever its URL, enabled only explicitly; relays draining it through the lease; a stored
+row that cannot be read stops the relay there, saying which and what to do.
 
 Each test uses its own table prefix and drops its tables. A server that cannot be reached
 skips its tests loudly on a laptop and fails them under ``CI=true``.
@@ -9,6 +11,7 @@ skips its tests loudly on a laptop and fails them under ``CI=true``.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from services import SQL_SERVERS, sql_server, sql_tables
-from sqlalchemy import select, text
+from sqlalchemy import delete, select, text, update
 from test_relay import RecordingTransport
 
 from agentevents.backends.memory import MemoryTransport
@@ -25,8 +28,10 @@ from agentevents.core.bus import Bus
 from agentevents.core.errors import (
     ConcurrencyError,
     ConfigurationError,
+    CorruptEventError,
     DuplicateEventError,
     OutboxNotEnabledError,
+    OutboxNotInTablesError,
     RelayNameError,
     StoreError,
 )
@@ -34,18 +39,27 @@ from agentevents.core.event import Event
 from agentevents.core.outbox import Lease, Outbox
 from agentevents.core.store import NO_STREAM
 from agentevents.relay import OutboxRelay
-from agentevents.stores.sql.store import SqlEventStore
+from agentevents.stores.sql.store import OUTBOX_SETTING_TTL, SqlEventStore
+
+
+def _base(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    return sql_server(kind, "run the outbox tests")
 
 
 @pytest_asyncio.fixture(params=["sqlite", *sorted(SQL_SERVERS)])
 async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh table prefix on each database, with the outbox on; dropped afterwards."""
-    prefix = f"t_{uuid.uuid4().hex[:10]}_"
-    if request.param == "sqlite":
-        base = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    else:
-        base = sql_server(request.param, "run the outbox tests")
-    url = f"{base}?table_prefix={prefix}&outbox=true"
+    url = f"{_base(request.param, tmp_path)}?table_prefix=t_{uuid.uuid4().hex[:10]}_&outbox=true"
+    async with sql_tables(url):  # create_schema() with ?outbox=true enables it
+        yield url
+
+
+@pytest_asyncio.fixture(params=["sqlite", *sorted(SQL_SERVERS)])
+async def plain_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh table prefix on each database, created without the outbox; dropped after."""
+    url = f"{_base(request.param, tmp_path)}?table_prefix=t_{uuid.uuid4().hex[:10]}_"
     async with sql_tables(url):
         yield url
 
@@ -104,19 +118,151 @@ async def test_no_event_is_stored_when_its_outbox_row_cannot_be(store: SqlEventS
     assert await store.head_position() == before[-1].position
 
 
+# -- the outbox is a setting of the tables --------------------------------------------------
+
+
 @pytest.mark.asyncio
-async def test_store_without_the_outbox_writes_no_rows(url: str, store: SqlEventStore) -> None:
-    plain = SqlEventStore(url, outbox=False)  # the argument wins over ?outbox=true
+async def test_writers_without_the_option_record_into_tables_with_the_outbox(
+    url: str, store: SqlEventStore
+) -> None:
+    """Whatever a writer's URL says, appends to tables with the outbox are recorded, so
+    the relay publishes them (a writer without ``?outbox=true`` used to bypass it)."""
+    writers = [SqlEventStore(url.replace("&outbox=true", "")),
+               SqlEventStore(url, outbox=False)]  # the argument wins over ?outbox=true
+    transport = RecordingTransport(f"sqlrelay-{uuid.uuid4().hex}")
+    bus = Bus(transport)
     try:
-        assert not plain.outbox_enabled
-        await plain.append("s", [_event(1)])
-        assert await _outbox_rows(store) == []
-        with pytest.raises(OutboxNotEnabledError, match=r"\?outbox=true"):
-            await plain.read_outbox(10)
-        with pytest.raises(OutboxNotEnabledError):
-            OutboxRelay(plain, Bus(MemoryTransport(f"sqlrelay-{uuid.uuid4().hex}")))
+        assert not any(writer.outbox_enabled for writer in writers)  # not read yet
+        recorded = []
+        for n, writer in enumerate(writers):
+            recorded += await writer.append(f"s{n}", [_event(n), _event(n)])
+        assert await _outbox_rows(store) == [r.position for r in recorded]
+        assert all(writer.outbox_enabled for writer in writers)  # found on in the tables
+        assert await writers[0].read_outbox(10) == recorded
+        assert await OutboxRelay(store, bus).run_once() == len(recorded)
+        assert transport.sent_ids() == [str(r.event.id) for r in recorded]
     finally:
+        await bus.close()
+        for writer in writers:
+            await writer.close()
+
+
+@pytest.mark.asyncio
+async def test_tables_without_the_outbox_refuse_a_store_that_needs_it(plain_url: str) -> None:
+    """``?outbox=true`` turns nothing on by itself (no schema change on connect): on tables
+    without the outbox such a store's appends and relay fail, naming the command to run;
+    stores without the option append unrecorded."""
+    plain = SqlEventStore(plain_url)
+    needs = SqlEventStore(f"{plain_url}&outbox=true", auto_create_schema=False)
+    bus = Bus(MemoryTransport(f"sqlrelay-{uuid.uuid4().hex}"))
+    try:
+        stored = await plain.append("s", [_event(1)])
+        assert not plain.outbox_enabled
+        assert not await plain.outbox_in_tables()
+        assert needs.outbox_enabled  # it needs it: checked against the tables when used
+        with pytest.raises(OutboxNotInTablesError, match="agentevents schema enable-outbox"):
+            await needs.append("s", [_event(2)])
+        assert await plain.read_stream("s") == stored, "the refused append stored nothing"
+        with pytest.raises(OutboxNotEnabledError, match=r"outbox=true"):
+            await plain.read_outbox(10)
+        with pytest.raises(OutboxNotInTablesError):
+            await needs.acquire_relay_lease("default", "me", 10)
+        with pytest.raises(OutboxNotEnabledError, match=r"outbox=true"):
+            OutboxRelay(plain, bus)  # not asked for, not known to be on
+        with pytest.raises(OutboxNotInTablesError):
+            await OutboxRelay(needs, bus).run()  # a configuration error: it ends
+        assert await _outbox_rows(plain) == []
+    finally:
+        await bus.close()
         await plain.close()
+        await needs.close()
+
+
+@pytest.mark.asyncio
+async def test_enabling_the_outbox_reaches_writers_that_read_it_off(plain_url: str) -> None:
+    """A writer that found the outbox off records every append that starts after
+    ``enable_outbox()`` returned: "off" is kept for at most OUTBOX_SETTING_TTL, and enabling
+    waits that long. What was appended before is not in the outbox."""
+    writer, admin = SqlEventStore(plain_url), SqlEventStore(plain_url)
+    relay_store = SqlEventStore(f"{plain_url}&outbox=true", auto_create_schema=False)
+    try:
+        await writer.append("s", [_event(1)])  # reads "off" and keeps it
+        started = time.monotonic()
+        await admin.enable_outbox()
+        assert time.monotonic() - started >= OUTBOX_SETTING_TTL
+        after = await writer.append("s", [_event(2)])
+        assert await relay_store.read_outbox(10) == after
+        started = time.monotonic()
+        await admin.enable_outbox()  # on already: idempotent, and no wait
+        assert time.monotonic() - started < OUTBOX_SETTING_TTL
+        assert await writer.outbox_in_tables()
+    finally:
+        for s in (writer, admin, relay_store):
+            await s.close()
+
+
+@pytest.mark.asyncio
+async def test_sqlite_enables_the_outbox_when_it_creates_its_tables_with_it(
+    tmp_path: Path,
+) -> None:
+    """SQLite stores create their schema on first use (``create_schema()``), which with
+    ``?outbox=true`` includes enabling the outbox; another writer of the file follows."""
+    base = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    relay_store, writer = SqlEventStore(f"{base}?outbox=true"), SqlEventStore(base)
+    try:
+        assert await relay_store.read_outbox(10) == []
+        recorded = await writer.append("s", [_event(1)])
+        assert await relay_store.read_outbox(10) == recorded
+    finally:
+        await relay_store.close()
+        await writer.close()
+
+
+# -- a stored row that cannot be read ---------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("column", "value"), [
+    ("payload", "{not json"),
+    ("event_id", "not-a-uuid"),
+    ("event_type", "Not A Valid Type"),
+    ("metadata", "[1, 2]"),
+])  # fmt: skip
+async def test_a_corrupt_row_stops_the_relay_there_naming_it(
+    url: str, store: SqlEventStore, column: str, value: str
+) -> None:
+    """A row changed outside agentevents: the relay publishes the events before it, then
+    ``run()`` ends with CorruptEventError naming the position and the fix; nothing is lost
+    or skipped. Deleting its outbox row (the fix it names) lets the relay go on."""
+    recorded = await store.append("s", [_event(n) for n in range(3)])
+    bad = recorded[1].position
+    events = store._tables.events
+    async with store._engine.begin() as conn:
+        await conn.execute(update(events).where(events.c.position == bad)
+                           .values({column: value}))
+    transport = RecordingTransport(f"sqlrelay-{uuid.uuid4().hex}")
+    bus = Bus(transport)
+    try:
+        relay = OutboxRelay(store, bus, idle_timeout=0.05)
+        with pytest.raises(CorruptEventError, match=f"position {bad}") as info:
+            async with asyncio.timeout(10):
+                await relay.run()
+        assert info.value.position == bad
+        assert f"DELETE FROM {store._tables.outbox.name} WHERE position = {bad}" \
+            in str(info.value)
+        assert transport.sent_ids() == [str(recorded[0].event.id)]
+        assert await _outbox_rows(store) == [bad, recorded[2].position]
+        if column in ("payload", "event_id"):  # what any read decodes (types are trusted)
+            with pytest.raises(CorruptEventError, match=f"position {bad}"):
+                await store.read_all()
+        # The fix the message names: take it out of the outbox; the rest is published.
+        async with store._engine.begin() as conn:
+            outbox = store._tables.outbox
+            await conn.execute(delete(outbox).where(outbox.c.position == bad))
+        assert await relay.run_once() == 1
+        assert transport.sent_ids() == [str(r.event.id) for r in (recorded[0], recorded[2])]
+    finally:
+        await bus.close()
 
 
 @pytest.mark.asyncio

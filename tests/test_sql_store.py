@@ -67,7 +67,8 @@ async def test_create_store_builds_a_sql_store_with_its_schema(tmp_path: Path) -
         await store.append("s", [_event()])
         assert _tables(tmp_path / "plain.db") == {
             f"agentevents_{name}"
-            for name in ("events", "snapshots", "outbox", "relay_lease", "alembic_version")
+            for name in ("events", "snapshots", "outbox", "relay_lease", "settings",
+                         "alembic_version")
         }
         with sqlite3.connect(tmp_path / "plain.db") as db:
             assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
@@ -86,7 +87,8 @@ async def test_table_prefixes_isolate_stores(tmp_path: Path, db_url: str) -> Non
         await b.append("s", [_event(payload={"in": "b"}), _event(payload={"in": "b"})])
         assert _tables(tmp_path / "events.db") == {
             f"{prefix}{name}" for prefix in ("run_a_", "run_b_")
-            for name in ("events", "snapshots", "outbox", "relay_lease", "alembic_version")
+            for name in ("events", "snapshots", "outbox", "relay_lease", "settings",
+                         "alembic_version")
         }
         assert [r.event.payload for r in await a.read_all()] == [{"in": "a"}]
         assert [r.event.payload for r in await c.read_all()] == [{"in": "a"}]

@@ -7,6 +7,15 @@ which by default adds ``outbox=true`` to the URL's query; override that fixture 
 store turns its outbox on differently. Stores that do not implement ``Outbox`` skip these
 tests, saying so.
 
+The outbox belongs to the storage, not to a store object: once it is on, appends through
+*every* store object of that storage are recorded, including one opened without the
+option (``store_url``'s), or a writer that forgot it would bypass the relay. Where turning
+it on is an explicit step of the storage (the SQL store: a setting of its tables), the
+store offers ``enable_outbox()``, and the suite calls it on the storage under test, as an
+operator would before starting a relay: **this enables the outbox of the tables under
+test for good** (appends to them are recorded from then on), so point the suite at tables
+of its own.
+
 The tests share the store's outbox with whatever else uses it: they only look at the events
 of their own streams, and mark them published when done. Do not run them against a store
 whose outbox a live relay is draining: it would publish and remove the tests' events.
@@ -82,6 +91,9 @@ async def outbox_store_factory(outbox_store_url: str) -> AsyncIterator[OutboxSto
         if not isinstance(store, Outbox):
             pytest.skip(f"{type(store).__name__} does not implement "
                         "agentevents.core.outbox.Outbox (no transactional outbox)")
+        enable = getattr(store, "enable_outbox", None)
+        if enable is not None:  # an explicit switch of the storage (idempotent)
+            await enable()
         return store
 
     yield make
@@ -197,25 +209,39 @@ class TestOutboxRecording:
 
     async def test_store_without_outbox_refuses_outbox_calls(self, store: EventStore,
                                                              unique: str) -> None:
+        """A store opened without the option: outbox calls are refused unless its storage
+        has the outbox on (another store object turned it on); either way consistently."""
         if not isinstance(store, Outbox):
             pytest.skip(f"{type(store).__name__} does not implement Outbox")
+        refused: OutboxNotEnabledError | None = None
+        try:
+            await store.read_outbox(1)
+        except OutboxNotEnabledError as exc:
+            refused = exc
+        if refused is None:
+            assert store.outbox_enabled, "read_outbox worked, so the outbox is on"
+            return
+        assert "outbox=true" in str(refused), "the error should say how to turn it on"
         assert not store.outbox_enabled
-        with pytest.raises(OutboxNotEnabledError, match=r"outbox=true"):
-            await store.read_outbox(10)
         with pytest.raises(OutboxNotEnabledError):
             await store.acquire_relay_lease(unique, f"{unique}-owner", 10)
 
-    async def test_appends_without_the_outbox_are_not_recorded(
+    async def test_appends_through_every_store_object_are_recorded(
         self, store: EventStore, outbox_store: OutboxStore, leases: Leases, unique: str
     ) -> None:
+        """The outbox is the storage's: a store object opened without the option, on
+        storage whose outbox is on, records its appends too (it cannot bypass the relay)."""
         probe = f"{unique}-probe"
-        await outbox_store.append(probe, [_event(unique)])
+        recorded = await outbox_store.append(probe, [_event(unique)])
         if await store.stream_version(probe) is None:
             pytest.skip("each store object opens a private database: nothing is shared")
         stream = f"{unique}-s"
-        await store.append(stream, [_event(unique)])
-        assert await _own_pending(outbox_store, {stream}) == []
-        await _publish_all(outbox_store, leases, unique, await _own_pending(outbox_store, {probe}))
+        recorded += await store.append(stream, [_event(unique), _event(unique)])
+        assert await _own_pending(outbox_store, {probe, stream}) == recorded
+        if isinstance(store, Outbox):
+            assert store.outbox_enabled
+            assert await _own_pending(store, {probe, stream}) == recorded
+        await _publish_all(outbox_store, leases, unique, recorded)
 
 
 class TestRelayLease:

@@ -9,6 +9,7 @@ into the most specific class below, so callers never catch a client library's ty
     │   ├── UnknownBackendError       no installed plugin handles the URL scheme
     │   ├── MissingDependencyError    the backend's client library (extra) is not installed
     │   ├── OutboxNotEnabledError     an outbox operation on a store without the outbox on
+    │   │   └── OutboxNotInTablesError  the SQL store's tables do not have the outbox enabled
     │   └── RelayNameError            a relay name other than the one the outbox is relayed under
     ├── EventValidationError          an event or payload does not satisfy its schema
     │   └── UnknownEventTypeError     no payload model is registered for (type, version)
@@ -22,6 +23,7 @@ into the most specific class below, so callers never catch a client library's ty
     │   ├── ConcurrencyError          ``expected_version`` did not match the stream
     │   ├── DuplicateEventError       an event id is already stored
     │   ├── LeaseLostError            an outbox relay's lease was taken over (fence moved on)
+    │   ├── CorruptEventError         a stored event cannot be read back (changed outside)
     │   └── StoreClosedError          the store was used after ``close()``
     └── BackendConnectionError        the server behind a (redacted) URL cannot be reached
 
@@ -77,9 +79,26 @@ class OutboxNotEnabledError(ConfigurationError):
     def __init__(self, store: str) -> None:
         super().__init__(
             f"the event store {store} does not record its events for publication: its outbox "
-            "is off. Turn it on with '?outbox=true' in the store URL (or outbox=True), in "
-            "every process that appends and in the relay; events appended while it was off "
-            "are not in the outbox and will not be relayed"
+            "is off. Turn it on with '?outbox=true' in the store URL (or outbox=True); "
+            "events appended while it was off are not in the outbox and will not be relayed"
+        )
+        self.store = store
+
+
+class OutboxNotInTablesError(OutboxNotEnabledError):
+    """The outbox is a setting of the store's tables (the SQL store), and it is off there.
+
+    ``enable`` says how to turn it on (a command, explicitly: never on connect).
+    """
+
+    def __init__(self, store: str, enable: str) -> None:
+        ConfigurationError.__init__(
+            self,
+            f"the tables of the event store {store} do not record events for publication: "
+            "their outbox is off. The outbox is a setting of the tables, turned on once, "
+            f"explicitly: {enable}. From then on every append to these tables is recorded, "
+            "whatever the URL of the store that appends; the relay opens the store with "
+            "'?outbox=true'. Events appended before are not in the outbox and are not relayed",
         )
         self.store = store
 
@@ -207,6 +226,22 @@ class LeaseLostError(StoreError):
         self.name = name
         self.owner = owner
         self.fence = fence
+
+
+class CorruptEventError(StoreError):
+    """A stored event cannot be read back: its row was changed or damaged outside agentevents.
+
+    Raised instead of the decoder's own error, naming the position. Nothing skips it
+    silently: readers stop at it until the row is repaired (or removed).
+    """
+
+    def __init__(self, store: str, position: int, reason: str, remedy: str) -> None:
+        super().__init__(
+            f"the event at position {position} of the event store {store} cannot be read "
+            f"({reason}): its row was changed or damaged outside agentevents. {remedy}"
+        )
+        self.store = store
+        self.position = position
 
 
 class StoreClosedError(StoreError):

@@ -18,6 +18,12 @@ The contract
 * **Atomic recording.** When :attr:`Outbox.outbox_enabled` is true, every event that an
   ``append`` stores is recorded for publication by that very append (all or nothing), and
   an append that fails records nothing.
+* **The outbox belongs to the storage**, not to a store object: once it is on (turned on
+  by a store object opened with ``?outbox=true``, or by an explicit step of the storage,
+  such as ``agentevents schema enable-outbox`` for SQL tables), appends through *every*
+  store object of that storage are recorded, whatever their URL says, so no writer can
+  bypass the relay. :attr:`Outbox.outbox_enabled` becomes true on a store object that
+  finds it on.
 * **Order.** :meth:`Outbox.read_outbox` returns the oldest recorded events that are not
   yet marked published, in global position order.
 * **One active relay.** Relays share a named lease (:meth:`Outbox.acquire_relay_lease`):

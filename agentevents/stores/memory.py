@@ -7,9 +7,11 @@ It passes the whole store conformance suite and is the model the other stores fo
   (the way ``memory://name`` shares a bus), so two components can append and follow the
   same history. A named log lives as long as the process.
 * ``?outbox=true`` (or ``outbox=True``) turns the transactional outbox on
-  (:class:`~agentevents.core.outbox.Outbox`): each append records its events for the
-  relay under the same lock as the append itself. The outbox and the relay leases belong
-  to the log, so store objects of one named log share them.
+  (:class:`~agentevents.core.outbox.Outbox`) for the log: from then on each append to it
+  records its events for the relay under the same lock as the append itself. The outbox,
+  the switch and the relay leases belong to the log, so every store object of a named log
+  records its appends once one of them turned it on, whatever its own URL says (like the
+  SQL store, whose outbox is a setting of its tables).
 
 Nothing survives the process. Positions are 1, 2, 3, ... without gaps: an append runs
 to completion under one lock (check the expected version, assign versions and positions,
@@ -84,6 +86,8 @@ class _Log:
         #: The latest snapshot per stream; its state is copied in and out.
         self.snapshots: dict[str, Snapshot] = {}
         self.waiters: set[asyncio.Future[None]] = set()
+        #: Whether appends record their events for publication (set once, never unset).
+        self.outbox_on = False
         #: Positions recorded for publication and not yet marked published, in order.
         self.outbox: dict[int, None] = {}
         #: The relay lease by name: one at most (an outbox is relayed under one name).
@@ -138,13 +142,16 @@ class MemoryEventStore(EventStore):
     ``MemoryEventStore()`` is private to its owner; ``MemoryEventStore(name="x")`` (or
     ``create_store("memory://x")``) shares the log named ``x`` within the process.
     Closing a store object does not erase a named log; other objects keep using it.
-    ``outbox=True`` records every append's events for the outbox relay.
+    ``outbox=True`` turns the outbox on for the log: every append's events are recorded for
+    the outbox relay, through every store object of the log.
     """
 
     def __init__(self, name: str | None = None, *, outbox: bool = False) -> None:
         self._name = name
         self._log = _log_named(name) if name else _Log()
         self._outbox = outbox
+        if outbox:
+            self._log.outbox_on = True
         self._closed = False
 
     @classmethod
@@ -220,7 +227,7 @@ class MemoryEventStore(EventStore):
             log.events.extend(recorded)
             log.streams.setdefault(stream_id, []).extend(recorded)
             log.ids.update(e.id for e in copies)
-            if self._outbox:
+            if log.outbox_on:
                 log.outbox.update(dict.fromkeys(r.position for r in recorded))
         log.wake()
         return recorded
@@ -322,12 +329,13 @@ class MemoryEventStore(EventStore):
 
     @property
     def outbox_enabled(self) -> bool:
-        """Whether appends through this store object record their events in the outbox."""
-        return self._outbox
+        """Whether appends through this store object record their events in the outbox:
+        whether the log has the outbox on."""
+        return self._log.outbox_on
 
     def _check_outbox(self) -> None:
         self._check_open()
-        if not self._outbox:
+        if not self._log.outbox_on:
             raise OutboxNotEnabledError(repr(self))
 
     async def acquire_relay_lease(self, name: str, owner: str, ttl: float) -> Lease | None:

@@ -39,10 +39,16 @@ revision, and the tests check that the migrated database matches it exactly.
 
 ``{prefix}outbox``: ``position`` (PK), one row per appended event still to be published by
 the outbox relay, written in the append's own transaction and deleted once the bus has
-acknowledged the event (only for stores with the outbox turned on).
+acknowledged the event (only for tables with the outbox enabled, see ``settings``).
 
-``{prefix}relay_lease``: ``name`` (PK), ``owner``, ``fence``, ``expires_us``: which relay
+``{prefix}relay_lease``: ``name`` (PK, at most :data:`LEASE_NAME_LENGTH` characters),
+``owner`` (at most :data:`LEASE_OWNER_LENGTH`), ``fence``, ``expires_us``: which relay
 process is the active one, until when, and a fencing number that grows on every takeover.
+
+``{prefix}settings``: ``name`` (PK), ``value``: settings of the tables themselves, which
+every store object on them obeys whatever its URL says. One so far: ``outbox`` = ``on``
+once the outbox was enabled (:data:`OUTBOX_SETTING`): from then on every append records
+its events in ``{prefix}outbox``.
 
 On MySQL/MariaDB the tables are InnoDB, ``utf8mb4`` with the binary collation, so ids and
 names compare exactly (not case-insensitively) and any Unicode text fits.
@@ -70,10 +76,22 @@ from sqlalchemy.dialects import mysql
 
 from agentevents.core.errors import ConfigurationError
 
-__all__ = ["DEFAULT_TABLE_PREFIX", "Tables", "tables"]
+__all__ = [
+    "DEFAULT_TABLE_PREFIX",
+    "LEASE_NAME_LENGTH",
+    "LEASE_OWNER_LENGTH",
+    "OUTBOX_SETTING",
+    "Tables",
+    "tables",
+]
 
 #: Prefix of the table names unless the URL (``?table_prefix=``) or the constructor says.
 DEFAULT_TABLE_PREFIX = "agentevents_"
+#: The longest relay lease name and owner the ``relay_lease`` table holds.
+LEASE_NAME_LENGTH = 64
+LEASE_OWNER_LENGTH = 128
+#: The ``settings`` row that turns the outbox on for the tables (value ``on``).
+OUTBOX_SETTING = "outbox"
 _PREFIX = re.compile(r"^[a-z_][a-z0-9_]{0,39}$|^$")
 
 #: BIGINT everywhere, but INTEGER on SQLite, where only ``INTEGER PRIMARY KEY`` is the
@@ -96,11 +114,12 @@ class Tables:
     snapshots: Table
     outbox: Table
     relay_lease: Table
+    settings: Table
 
 
 @lru_cache(maxsize=64)
 def tables(prefix: str = DEFAULT_TABLE_PREFIX) -> Tables:
-    """The tables of ``prefix``: events, snapshots, outbox and relay_lease."""
+    """The tables of ``prefix``: events, snapshots, outbox, relay_lease and settings."""
     if not _PREFIX.match(prefix):
         raise ConfigurationError(
             f"table prefix {prefix!r} is not allowed: use at most 40 lower-case letters, "
@@ -151,13 +170,20 @@ def tables(prefix: str = DEFAULT_TABLE_PREFIX) -> Tables:
     relay_lease = Table(
         f"{prefix}relay_lease",
         metadata,
-        Column("name", String(64), primary_key=True),
-        Column("owner", String(128), nullable=False),
+        Column("name", String(LEASE_NAME_LENGTH), primary_key=True),
+        Column("owner", String(LEASE_OWNER_LENGTH), nullable=False),
         Column("fence", BigInteger, nullable=False),
         Column("expires_us", BigInteger, nullable=False),
         **_MYSQL_OPTIONS,
     )
+    settings = Table(
+        f"{prefix}settings",
+        metadata,
+        Column("name", String(64), primary_key=True),
+        Column("value", String(255), nullable=False),
+        **_MYSQL_OPTIONS,
+    )
     return Tables(
         metadata=metadata, events=events, snapshots=snapshots, outbox=outbox,
-        relay_lease=relay_lease,
+        relay_lease=relay_lease, settings=settings,
     )

@@ -42,17 +42,40 @@ Waking followers
 ----------------
 Appends through a store object wake its own waiters in
 :meth:`~SqlEventStore.wait_for_append` at once. On PostgreSQL an append also sends
-``pg_notify(<prefix>appended, '<last position>')`` in its transaction (delivered at commit),
+``pg_notify(<channel>, '<last position>')`` in its transaction (delivered at commit),
 and the first ``wait_for_append`` of a store object opens one dedicated ``LISTEN``
 connection (:mod:`agentevents.stores.sql.listen`), so appends by other processes wake
-followers too. SQLite and MySQL/MariaDB have no such signal: followers poll, with backoff
+followers too. The channel names the table prefix and the schema the tables are in
+(:func:`~agentevents.stores.sql.listen.channel_name`, resolved once per store object on
+its first append): tenants with the same prefix in different schemas do not wake each
+other. SQLite and MySQL/MariaDB have no such signal: followers poll, with backoff
 (:meth:`~agentevents.core.store.EventStore.subscribe`).
 
 The outbox
 ----------
-With ``outbox=True`` (or ``?outbox=true`` in the URL) an append also inserts one row per
-event, its position, into ``{prefix}outbox``, in the same transaction: the events are
-stored and recorded for publication together, or not at all. The store implements
+The outbox is a setting of the tables, not of a store object or its URL: once it is
+enabled, every append to the tables, through any store object with any URL, also inserts
+one row per event, its position, into ``{prefix}outbox``, in the same transaction: the
+events are stored and recorded for publication together, or not at all. It is enabled
+explicitly, once, never on connect: ``agentevents schema enable-outbox --store URL``
+(:meth:`SqlEventStore.enable_outbox`), or ``agentevents schema upgrade`` /
+:meth:`SqlEventStore.create_schema` on a store opened with ``?outbox=true`` (SQLite
+stores, which create their schema on first use, do that on first use). It is recorded as
+the ``outbox`` row of ``{prefix}settings``.
+
+``?outbox=true`` (or ``outbox=True``) does not turn anything on by itself: it says that
+this store object *needs* the outbox (the relay's store does). Its appends and outbox calls
+fail with :class:`~agentevents.core.errors.OutboxNotInTablesError`, naming the command to
+run, while the tables do not have it; a store without the option simply follows the tables.
+
+Each store object reads the setting in its append's transaction (after the commit-order
+lock, so as of that moment) and keeps it: "on" for good, "off" for at most
+:data:`OUTBOX_SETTING_TTL` seconds, so an append costs no extra query once the outbox is
+on, and one per second per store object while it is off. Enabling it on tables in use
+therefore waits that long before it returns: every append that starts afterwards, in any
+process, is recorded. Events appended before are not (nothing publishes them).
+
+The store implements
 :class:`~agentevents.core.outbox.Outbox` for the relay (:mod:`agentevents.relay`): the
 relay lease is a row of ``{prefix}relay_lease``, read ``FOR UPDATE`` (a row lock on the
 servers; SQLite's write lock) in the transaction that takes, renews or checks it, so a
@@ -130,9 +153,10 @@ from agentevents.core.errors import (
     BackendConnectionError,
     ConcurrencyError,
     ConfigurationError,
+    CorruptEventError,
     DuplicateEventError,
     LeaseLostError,
-    OutboxNotEnabledError,
+    OutboxNotInTablesError,
     RelayNameError,
     StoreClosedError,
     StoreError,
@@ -158,8 +182,15 @@ from agentevents.stores._common import (
     to_micros,
     url_flag,
 )
-from agentevents.stores.sql.listen import AppendListener, channel_name
-from agentevents.stores.sql.schema import DEFAULT_TABLE_PREFIX, Tables, tables
+from agentevents.stores.sql.listen import AppendListener, channel_name, schema_sql
+from agentevents.stores.sql.schema import (
+    DEFAULT_TABLE_PREFIX,
+    LEASE_NAME_LENGTH,
+    LEASE_OWNER_LENGTH,
+    OUTBOX_SETTING,
+    Tables,
+    tables,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -180,6 +211,9 @@ ANY_RETRIES: Final = 50
 SQLITE_BUSY_TIMEOUT: Final = 30.0
 #: Seconds a MySQL/MariaDB writer waits for the commit-order lock before giving up.
 COMMIT_LOCK_TIMEOUT: Final = 30
+#: Seconds a store object keeps reading "off" for the tables' outbox setting before it reads
+#: it again ("on" is kept for good); enabling the outbox on tables in use waits this long.
+OUTBOX_SETTING_TTL: Final = 1.0
 #: Seconds a MySQL/MariaDB schema change waits for another one to finish before giving up.
 SCHEMA_LOCK_TIMEOUT: Final = 600
 _WRITE: Final = "agentevents_write"
@@ -258,8 +292,11 @@ class SqlEventStore(EventStore):
     ``auto_create_schema`` creates the tables on first use; it defaults to on for SQLite
     and off for servers, which need :meth:`create_schema` once. ``engine_options`` go to
     :func:`~sqlalchemy.ext.asyncio.create_async_engine` (pool size, echo, ...).
-    ``outbox`` (or ``?outbox=true``; default off; the argument wins) records every
-    appended event for the outbox relay in the append's transaction.
+    ``outbox`` (or ``?outbox=true``; default off; the argument wins) says that this store
+    object needs the outbox: appends are recorded for the relay whenever the *tables* have
+    the outbox enabled (see "The outbox" above), and with this option they fail while the
+    tables do not, with :class:`~agentevents.core.errors.OutboxNotInTablesError`, instead
+    of silently not being recorded. :meth:`create_schema` on such a store enables it.
 
     No connection is made before the first call.
     """
@@ -286,7 +323,11 @@ class SqlEventStore(EventStore):
         if outbox is None:
             outbox = (url_flag(query_outbox, "outbox", self._shown)
                       if isinstance(query_outbox, str) else False)
-        self._outbox = outbox
+        # Whether this store object needs the outbox; whether the tables have it (as last
+        # read, and when: "on" is kept for good, "off" re-read after OUTBOX_SETTING_TTL).
+        self._outbox_needed = outbox
+        self._outbox = False
+        self._outbox_read_at: float | None = None
         sa_url = _with_async_driver(
             sa_url.difference_update_query(["table_prefix", "outbox"])
         )
@@ -319,7 +360,7 @@ class SqlEventStore(EventStore):
         self._schema_lock = asyncio.Lock()
         self._seen_head = 0
         self._wakeup: asyncio.Event | None = None
-        self._channel = channel_name(table_prefix)
+        self._channel = ""  # PostgreSQL: resolved by the first append (_before_append)
         self._listener: AppendListener | None = None
         self._pg: _PostgresStatements | None = None
         if self._backend == "postgresql":
@@ -327,7 +368,7 @@ class SqlEventStore(EventStore):
             t = self._tables.events
             head_sql = str(select(func.max(t.c.position)).compile(dialect=self._engine.dialect))
             self._listener = AppendListener(
-                self._engine, self._channel, head_sql, self._saw_position, self._shown
+                self._engine, table_prefix, t.name, head_sql, self._saw_position, self._shown
             )
         self._closed = False
 
@@ -347,14 +388,99 @@ class SqlEventStore(EventStore):
         Runs this version's migrations that the database lacks, under the schema lock of
         the table prefix: any number of stores and processes may call it at once. Tables
         from before migrations are stamped with the revision they match, then upgraded.
+        On a store opened with ``?outbox=true`` (``outbox=True``) it also enables the
+        outbox of the tables, like :meth:`enable_outbox`.
         """
         from agentevents.stores.sql import migrations
 
         self._check_open()
         async with self._schema_lock:
             async with self._schema_transaction() as conn:
-                await conn.run_sync(migrations.upgrade, self.table_prefix)
+                before, _ = await conn.run_sync(migrations.upgrade, self.table_prefix)
             self._schema_ready = True
+        # Tables that did not exist had no writers that could have read "off" from them.
+        if self._outbox_needed and await self._write_outbox_setting() and before is not None:
+            await asyncio.sleep(OUTBOX_SETTING_TTL)
+
+    async def enable_outbox(self) -> None:
+        """Enable the outbox of the tables (idempotent): from now on every append to them,
+        through any store object with any URL, records its events for the relay.
+
+        An explicit schema change, like :meth:`create_schema` (which it runs first on a
+        store that creates its own schema); the tables must be at the newest revision.
+        When it turns the outbox on, it returns only after :data:`OUTBOX_SETTING_TTL`, once
+        store objects that read "off" before have read it again: every append that starts
+        after it returned is recorded. ``agentevents schema enable-outbox`` runs it.
+        """
+        from agentevents.stores.sql import migrations
+
+        self._check_open()
+        if self._auto_schema and not self._schema_ready:
+            await self.create_schema()
+        revision, head = await self.schema_revision(), migrations.head_revision()
+        if revision != head:
+            raise StoreError(
+                f"cannot enable the outbox of the tables of {self._shown}: they are at schema "
+                f"revision {revision or 'none'}, not {head}; upgrade them first "
+                "(`agentevents schema upgrade`, or `await store.create_schema()`)"
+            )
+        if await self._write_outbox_setting():
+            await asyncio.sleep(OUTBOX_SETTING_TTL)
+
+    async def outbox_in_tables(self) -> bool:
+        """Whether the tables have the outbox enabled (read now, and kept)."""
+        async with self._transaction() as conn:
+            return await self._read_outbox_setting(conn)
+
+    async def _read_outbox_setting(self, conn: AsyncConnection) -> bool:
+        s = self._tables.settings
+        # The clock is read before the query: an "off" is kept for OUTBOX_SETTING_TTL from
+        # before the moment it was true, never longer (enable_outbox waits exactly that).
+        started = time.monotonic()
+        value = await conn.scalar(select(s.c.value).where(s.c.name == OUTBOX_SETTING))
+        self._outbox = value == "on"
+        self._outbox_read_at = started
+        return self._outbox
+
+    async def _write_outbox_setting(self) -> bool:
+        """Record "outbox on" in the tables; whether it was off until now.
+
+        Under the commit-order lock, like an append: an append that read "off" inside its
+        transaction has committed before this commits.
+        """
+        s = self._tables.settings
+        async with self._open(write=True) as conn:
+            value = await conn.scalar(select(s.c.value).where(s.c.name == OUTBOX_SETTING))
+            if value is None:
+                await conn.execute(insert(s), [{"name": OUTBOX_SETTING, "value": "on"}])
+            elif value != "on":
+                await conn.execute(update(s).where(s.c.name == OUTBOX_SETTING)
+                                   .values(value="on"))
+        self._outbox = True
+        self._outbox_read_at = time.monotonic()
+        return value != "on"
+
+    def _outbox_error(self) -> OutboxNotInTablesError:
+        return OutboxNotInTablesError(
+            repr(self),
+            f"`agentevents schema enable-outbox --store '{self._shown}'` (or "
+            "`await store.enable_outbox()`; or `agentevents schema upgrade` / `await "
+            "store.create_schema()` with '?outbox=true' in the URL)",
+        )
+
+    async def _before_append(self, conn: AsyncConnection) -> None:
+        """In an append's transaction, after the commit-order lock: the NOTIFY channel
+        (once), and the outbox setting of the tables (while it is off: at most once per
+        :data:`OUTBOX_SETTING_TTL`, and on every append of a store that needs it)."""
+        read_at = self._outbox_read_at
+        if not self._outbox and (self._outbox_needed or read_at is None
+                                 or time.monotonic() - read_at >= OUTBOX_SETTING_TTL):
+            await self._read_outbox_setting(conn)  # fails if there are no tables (yet)
+            if not self._outbox and self._outbox_needed:
+                raise self._outbox_error()
+        if self._backend == "postgresql" and not self._channel:  # the tables exist
+            schema = await conn.scalar(text(schema_sql(self._tables.events.name)))
+            self._channel = channel_name(self.table_prefix, str(schema or ""))
 
     async def schema_revision(self) -> str | None:
         """The schema revision of this store's tables; None if they are not versioned.
@@ -379,6 +505,7 @@ class SqlEventStore(EventStore):
                 await conn.run_sync(migrations.drop, self.table_prefix)
             self._schema_ready = False
             self._seen_head = 0  # positions start again: a stale head would wake followers
+            self._outbox, self._outbox_read_at = False, None  # so is the outbox setting
 
     @contextlib.asynccontextmanager
     async def _schema_transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -508,6 +635,7 @@ class SqlEventStore(EventStore):
             attempt += 1
             try:
                 async with self._transaction(write=True) as conn:
+                    await self._before_append(conn)
                     if self._pg is not None:
                         recorded = await self._insert_postgresql(
                             conn, stream_id, events, rows, expected_version,
@@ -723,12 +851,40 @@ class SqlEventStore(EventStore):
             stmt = stmt.limit(max(query.limit, 0))
         return stmt
 
-    async def _records(self, stmt: Select[Any]) -> list[RecordedEvent]:
+    async def _records(self, stmt: Select[Any], *,
+                       up_to_corrupt: bool = False) -> list[RecordedEvent]:
+        """The events of ``stmt``'s rows. A row that cannot be decoded raises
+        :class:`CorruptEventError`. With ``up_to_corrupt`` (the outbox) every event is
+        also validated in full, and a bad row raises only if it is the first one (the rows
+        before it are returned)."""
         async with self._transaction() as conn:
             if self._backend == "postgresql":
-                return [_recorded(row) for row in await self._fetch_asyncpg(conn, stmt)]
-            rows = (await conn.execute(stmt)).all()
-        return [_recorded(row) for row in rows]
+                rows: Sequence[Any] = await self._fetch_asyncpg(conn, stmt)
+            else:
+                rows = (await conn.execute(stmt)).all()
+        try:
+            return [_recorded(row, validate=up_to_corrupt) for row in rows]
+        except Exception:  # not what this store wrote: find the row, say which
+            pass
+        decoded: list[RecordedEvent] = []
+        for row in rows:
+            try:
+                decoded.append(_recorded(row, validate=up_to_corrupt))
+            except Exception as exc:
+                if up_to_corrupt and decoded:
+                    return decoded
+                raise self._corrupt(row, exc) from exc
+        return decoded
+
+    def _corrupt(self, row: Any, exc: Exception) -> CorruptEventError:
+        position = int(row[0])
+        events, outbox = self._tables.events.name, self._tables.outbox.name
+        return CorruptEventError(
+            self._shown, position, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+            f"Readers stop at it, and so does the outbox relay. Repair the row in {events} "
+            f"(position {position}); or, to publish everything after it without it, delete "
+            f"it from the outbox: DELETE FROM {outbox} WHERE position = {position}",
+        )
 
     async def _fetch_asyncpg(self, conn: AsyncConnection, stmt: Select[Any]) -> Sequence[Any]:
         """The rows of ``stmt`` fetched by asyncpg itself (records, in column order).
@@ -832,17 +988,20 @@ class SqlEventStore(EventStore):
 
     @property
     def outbox_enabled(self) -> bool:
-        """Whether appends through this store object record their events in the outbox."""
-        return self._outbox
+        """Whether this store object needs the outbox (``?outbox=true``), or has found it
+        enabled in its tables: then its appends are recorded (the setting is the tables')."""
+        return self._outbox_needed or self._outbox
 
-    def _check_outbox(self) -> None:
+    async def _check_outbox(self) -> None:
+        """Raise :class:`OutboxNotInTablesError` unless the tables have the outbox (once
+        found on, no query any more)."""
         self._check_open()
-        if not self._outbox:
-            raise OutboxNotEnabledError(repr(self))
+        if not self._outbox and not await self.outbox_in_tables():
+            raise self._outbox_error()
 
     async def acquire_relay_lease(self, name: str, owner: str, ttl: float) -> Lease | None:
-        self._check_outbox()
         _check_lease_names(name, owner)
+        await self._check_outbox()
         now = _now_us()
         expires = now + max(int(ttl * 1_000_000), 1)
         try:
@@ -905,7 +1064,7 @@ class SqlEventStore(EventStore):
         return fence
 
     async def release_relay_lease(self, lease: Lease) -> None:
-        self._check_outbox()
+        await self._check_outbox()
         t = self._tables.relay_lease
         async with self._transaction(write=self._sqlite) as conn:
             await conn.execute(
@@ -916,15 +1075,22 @@ class SqlEventStore(EventStore):
             )
 
     async def read_outbox(self, limit: int) -> list[RecordedEvent]:
-        self._check_outbox()
+        """The oldest ``limit`` events of the outbox; fewer if one of them cannot be read.
+
+        A row that cannot be decoded (changed outside agentevents) ends the batch before
+        it; when it is the first one, :class:`~agentevents.core.errors.CorruptEventError`
+        names it: the relay publishes up to it, then stops there, loudly.
+        """
+        await self._check_outbox()
         t, o = self._tables.events, self._tables.outbox
         return await self._records(
             select(t).join(o, o.c.position == t.c.position)
-            .order_by(o.c.position).limit(max(limit, 0))
+            .order_by(o.c.position).limit(max(limit, 0)),
+            up_to_corrupt=True,
         )
 
     async def mark_published(self, lease: Lease, positions: Sequence[int]) -> None:
-        self._check_outbox()
+        await self._check_outbox()
         t, o = self._tables.relay_lease, self._tables.outbox
         async with self._transaction(write=self._sqlite) as conn:
             row = (await conn.execute(
@@ -942,10 +1108,10 @@ def _now_us() -> int:
 
 
 def _check_lease_names(name: str, owner: str) -> None:
-    if not 0 < len(name) <= 64 or not 0 < len(owner) <= 128:
+    if not 0 < len(name) <= LEASE_NAME_LENGTH or not 0 < len(owner) <= LEASE_OWNER_LENGTH:
         raise ConfigurationError(
-            f"relay lease name {name!r} and owner {owner!r} must be 1 to 64 and 1 to 128 "
-            "characters long"
+            f"relay lease name {name!r} and owner {owner!r} must be 1 to {LEASE_NAME_LENGTH} "
+            f"and 1 to {LEASE_OWNER_LENGTH} characters long"
         )
 
 
@@ -1005,21 +1171,27 @@ def _event_row(event: Event) -> dict[str, Any]:
     }
 
 
-def _recorded(row: Row[Any]) -> RecordedEvent:
+def _recorded(row: Row[Any], *, validate: bool = False) -> RecordedEvent:
     """A row of the events table (all columns, in table order) as a :class:`RecordedEvent`.
 
     Unpacked positionally (``Row`` attribute access by name costs more than the query).
     The values were validated as an :class:`Event` when they were appended, so they are
     not validated again (:func:`construct_checked`): reading is bound by this per row.
+    With ``validate`` they are (the outbox: what is published must be a valid event even
+    if the row was changed since). Raises what the decoding or the validation raised.
     """
     (position, event_id, stream_id, stream_version, event_type, event_version, time_us,
      source, correlation_id, causation_id, key, payload, metadata, recorded_at_us) = cast(
         "tuple[Any, ...]", row)
-    event = construct_checked(
+    fields = (
         UUID(event_id), event_type, event_version, from_micros(time_us), source,
         correlation_id, causation_id, key, json_loads(payload),
         {} if metadata == "{}" else json_loads(metadata),
     )
+    if validate:
+        event = Event.model_validate(dict(zip(_EVENT_FIELDS, fields, strict=True)))
+    else:
+        event = construct_checked(*fields)
     return RecordedEvent(
         event=event,
         stream_id=stream_id,
@@ -1027,6 +1199,10 @@ def _recorded(row: Row[Any]) -> RecordedEvent:
         position=position,
         recorded_at=from_micros(recorded_at_us),
     )
+
+
+_EVENT_FIELDS: Final = ("id", "type", "version", "time", "source", "correlation_id",
+                        "causation_id", "key", "payload", "metadata")
 
 
 def _reason(exc: BaseException) -> str:

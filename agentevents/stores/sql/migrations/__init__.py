@@ -31,6 +31,8 @@ revision  change
 ``0002``  ``outbox`` and ``relay_lease``
 ``0003``  ``events_source_ix`` becomes ``(source, position)`` (was ``(source,
           event_time_us)``), so an agent's timeline is read in position order
+``0004``  ``settings``: settings of the tables, e.g. whether the outbox is on (it was a
+          per-URL option before)
 ========  ===========================================================================
 """
 
