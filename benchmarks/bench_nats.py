@@ -5,14 +5,19 @@ Run by hand (never in CI), against a local server with JetStream::
     .venv/bin/python benchmarks/bench_nats.py                       # 20k events, 3 repeats
     .venv/bin/python benchmarks/bench_nats.py --url nats://127.0.0.1:4222 --events 50000
 
-Figures (median of ``--repeat`` runs, each on a fresh stream deleted afterwards):
+Figures (median of ``--repeat`` runs, each on a fresh stream deleted afterwards; the rows
+of a section run round-robin, so that a machine whose speed drifts slows them alike):
 
 * publish: agentevents ``publish_many`` (batches of 1,000) vs raw ``js.publish_async`` with
   a window of 1,000 pending PubAcks, then waiting for all of them;
 * consume: a group (``start="earliest"``, ``max_in_flight=256``) draining N stored events
-  with a no-op handler vs raw pull (``fetch(256)`` + ``ack``) and raw push (callback +
-  ``ack``) consumers;
-* end to end: p50/p99 latency from ``publish`` to the handler at a paced 1,000 events/s.
+  with a no-op handler vs raw pull (``fetch(256)`` + ``ack``), raw push (callback +
+  ``ack``) consumers, and a raw pull loop on a callback subscription (pull requests of
+  256 to ``$JS.API.CONSUMER.MSG.NEXT``, two kept open, answered on the loop's own inbox:
+  what the bus's receiver does) + ``ack``; the "+decode" rows also ``decode_event`` each
+  body, as any consumer of these events must;
+* end to end: p50/p99 latency from ``publish`` to the handler at a paced 1,000 events/s
+  (median of ``--repeat`` runs).
 """
 
 from __future__ import annotations
@@ -190,6 +195,62 @@ class Bench:
         await self._drop(stream)
         return self.n / elapsed
 
+    async def raw_pull_callback(self, decode: bool = False) -> float:
+        """Pull requests answered on a callback subscription to our own inbox + ``ack``.
+
+        Two requests of 256 are kept open (the next one is sent as soon as one has been
+        delivered in full), so the server always has one to fill while the callback acks.
+        """
+        from agentevents.core.codec import decode_event
+
+        nc, stream, prefix = await self._raw_stream()
+        await self._fill_raw(nc, prefix)
+        js = nc.jetstream()
+        batch = 256
+        request = b'{"batch":%d,"expires":%d}' % (batch, 5_000_000_000)
+        inbox = nc.new_inbox()
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.rawcb"
+        done = asyncio.Event()
+        seen = 0
+        due = 0  # messages the open requests still owe
+
+        async def pull() -> None:
+            nonlocal due
+            due += batch
+            await nc.publish(subject, request, reply=inbox)
+
+        async def on(msg: Msg) -> None:
+            nonlocal seen, due
+            if not msg.reply:  # a status (408: a request expired): pull again
+                due = 0
+                await pull()
+                await pull()
+                return
+            if decode:
+                decode_event(msg.data)
+            await msg.ack()
+            seen += 1
+            due -= 1
+            if seen == self.n:
+                done.set()
+            elif due <= batch:
+                await pull()
+
+        start = time.perf_counter()
+        await js.add_consumer(stream, ConsumerConfig(
+            durable_name="rawcb", ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL, filter_subject=f"{prefix}.>",
+            max_ack_pending=10_000))
+        await nc.subscribe(inbox, cb=on)
+        await pull()
+        await pull()
+        await asyncio.wait_for(done.wait(), 300)
+        await nc.flush()
+        elapsed = time.perf_counter() - start
+        await nc.close()
+        await self._drop(stream)
+        return self.n / elapsed
+
     # -- latency ---------------------------------------------------------------------------
 
     async def e2e_latency(self, rate: int, seconds: float) -> tuple[float, float, float]:
@@ -224,8 +285,22 @@ class Bench:
         return p50, p99, latencies[-1] * 1000
 
 
-async def _median(run: Callable[[], Awaitable[float]], repeat: int) -> float:
-    return statistics.median([await run() for _ in range(repeat)])
+async def _interleaved(runs: dict[str, Callable[[], Awaitable[float]]],
+                       repeat: int) -> dict[str, list[float]]:
+    """Each run ``repeat`` times, round-robin: on a machine whose speed drifts (shared
+    cores), every row then sees the same drift and the ratios between rows hold better
+    than when each row's repeats run back to back."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            results[name].append(await run())
+    return results
+
+
+def _row(label: str, values: list[float], base: float | None = None) -> str:
+    value = statistics.median(values)
+    text = f"{label:39} {value:10,.0f} ev/s   (range {min(values):,.0f}-{max(values):,.0f})"
+    return text if base is None else f"{text}   ratio {base / value:.2f}"
 
 
 async def main() -> None:
@@ -237,26 +312,33 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     bench = Bench(args.url, args.events)
-    print(f"NATS JetStream at {args.url}: {args.events} events, median of {args.repeat}")
-    ae_pub = await _median(bench.ae_publish, args.repeat)
-    raw_pub = await _median(bench.raw_publish, args.repeat)
-    print(f"publish   agentevents publish_many  {ae_pub:10,.0f} ev/s")
-    print(f"publish   raw js.publish_async      {raw_pub:10,.0f} ev/s   ratio "
-          f"{ae_pub / raw_pub:.2f}")
-    ae_con = await _median(bench.ae_consume, args.repeat)
-    raw_pull = await _median(bench.raw_pull, args.repeat)
-    raw_push = await _median(bench.raw_push, args.repeat)
-    raw_push_decode = await _median(lambda: bench.raw_push(decode=True), args.repeat)
-    print(f"consume   agentevents group         {ae_con:10,.0f} ev/s")
-    print(f"consume   raw pull fetch(256)+ack   {raw_pull:10,.0f} ev/s   ratio "
-          f"{ae_con / raw_pull:.2f}")
-    print(f"consume   raw push cb+ack           {raw_push:10,.0f} ev/s   ratio "
-          f"{ae_con / raw_push:.2f}")
-    print(f"consume   raw push cb+decode+ack    {raw_push_decode:10,.0f} ev/s   ratio "
-          f"{ae_con / raw_push_decode:.2f}")
-    p50, p99, worst = await bench.e2e_latency(args.rate, args.seconds)
-    print(f"e2e at {args.rate} ev/s for {args.seconds:g} s: p50 {p50:.2f} ms, "
-          f"p99 {p99:.2f} ms, max {worst:.2f} ms")
+    print(f"NATS JetStream at {args.url}: {args.events} events, median of {args.repeat} "
+          "(rows of a section run interleaved); ratio = agentevents / that row")
+    publish = await _interleaved({
+        "agentevents publish_many": bench.ae_publish,
+        "raw js.publish_async": bench.raw_publish,
+    }, args.repeat)
+    ae_pub = statistics.median(publish["agentevents publish_many"])
+    for name, values in publish.items():
+        print(_row(f"publish  {name}", values, None if name.startswith("agentevents")
+                   else ae_pub))
+    consume = await _interleaved({
+        "agentevents group": bench.ae_consume,
+        "raw pull fetch(256)+ack": bench.raw_pull,
+        "raw push cb+ack": bench.raw_push,
+        "raw push cb+decode+ack": lambda: bench.raw_push(decode=True),
+        "raw pull on cb sub+ack": bench.raw_pull_callback,
+        "raw pull on cb sub+decode+ack": lambda: bench.raw_pull_callback(decode=True),
+    }, args.repeat)
+    ae_con = statistics.median(consume["agentevents group"])
+    for name, values in consume.items():
+        print(_row(f"consume  {name}", values, None if name.startswith("agentevents")
+                   else ae_con))
+    runs = [await bench.e2e_latency(args.rate, args.seconds) for _ in range(args.repeat)]
+    p50s, p99s, worst = zip(*runs, strict=True)
+    print(f"e2e at {args.rate} ev/s for {args.seconds:g} s, median of {args.repeat}: "
+          f"p50 {statistics.median(p50s):.2f} ms, p99 {statistics.median(p99s):.2f} ms "
+          f"(p99 range {min(p99s):.2f}-{max(p99s):.2f}), max {max(worst):.2f} ms")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ require("nats-server", "the PATH or /usr/sbin/nats-server", probe_nats_server)
 
 
 async def _probe_nkeys() -> None:
-    import nkeys  # noqa: F401  (the test extra; nats-py's creds support needs it too)
+    import nkeys  # type: ignore[import-untyped]  # noqa: F401  (the test extra; nats-py's creds support needs it)
 
 
 require("the nkeys package", "this venv (pip install -e '.[test]')", _probe_nkeys)

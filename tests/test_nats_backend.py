@@ -34,6 +34,7 @@ from agentevents.backends.nats.transport import (
     HEADER_RESERVE,
     NatsConfig,
     NatsTransport,
+    _Client,
     consumer_name,
 )
 from agentevents.core.bus import Bus
@@ -41,7 +42,7 @@ from agentevents.core.deadletter import DeadLetter
 from agentevents.core.errors import ConfigurationError, PublishError
 from agentevents.core.event import Event
 from agentevents.core.patterns import compile_pattern
-from agentevents.core.transport import ConsumerSpec
+from agentevents.core.transport import ConsumerSpec, InboundMessage, OutboundMessage
 from agentevents.plugins.registry import create_bus
 
 require("NATS", NATS_URL, probe_nats)
@@ -182,9 +183,9 @@ class TestUrl:
     def test_delivery_count_comes_from_the_ack_subject(self) -> None:
         from agentevents.backends.nats.transport import _delivery_count
 
-        assert _delivery_count("$JS.ACK.S.C.3.10.12.1700000000000000000.0") == 3
-        assert _delivery_count("$JS.ACK.dom.acchash.S.C.2.10.12.1700000000000000000.0.tok") == 2
-        assert _delivery_count("$JS.ACK.garbage") == 1
+        assert _delivery_count(b"$JS.ACK.S.C.3.10.12.1700000000000000000.0") == 3
+        assert _delivery_count(b"$JS.ACK.dom.acchash.S.C.2.10.12.1700000000000000000.0.tok") == 2
+        assert _delivery_count(b"$JS.ACK.garbage") == 1
 
     def test_consumer_names_are_valid_and_distinct(self) -> None:
         names = {
@@ -307,6 +308,102 @@ class TestServerObjects:
             await receiver.extend(second)
             await receiver.ack(second)
             assert await receiver.receive(4, 0.5) == []
+        finally:
+            await receiver.close()
+
+
+@pytest.mark.asyncio
+class TestHotPaths:
+    """The shortcuts of ``_Client`` (direct delivery, batched writes) and their fallbacks,
+    the gathered acks and the status lines read from raw headers."""
+
+    @pytest.mark.parametrize("without", ["direct", "batched", "both"])
+    async def test_everything_works_without_the_shortcuts(
+        self, buses: list[Bus], monkeypatch: pytest.MonkeyPatch, without: str
+    ) -> None:
+        async def refuse(self: _Client, command: bytes, messages: int, size: int) -> bool:
+            return False  # as if nats-py's internals had changed: publish one by one
+
+        if without in ("direct", "both"):  # messages reach the subscriptions' callbacks
+            monkeypatch.setattr(_Client, "set_direct", lambda self, sid, handler: None)
+        if without in ("batched", "both"):
+            monkeypatch.setattr(_Client, "_write", refuse)
+        bus = _bus(buses)
+        u = _unique()
+        got: list[Event] = []
+
+        async def handler(event: Event) -> None:
+            got.append(event)
+
+        await bus.subscribe(f"{u}.>", handler, group=f"{u}-g", ack_timeout=2.0)
+        events = [Event(type=f"{u}.job", payload={"n": n}) for n in range(50)]
+        await bus.publish_many(events)
+        await bus.publish(events[0])  # the same id again: stored once
+        await _until(lambda: len(got) >= 50, what="50 events")
+        await asyncio.sleep(2.5)  # past ack_timeout: nothing comes back if acks were sent
+        assert sorted(str(e.id) for e in got) == sorted(str(e.id) for e in events)
+        info = await _api(bus, f"STREAM.INFO.{STREAM}", {"subjects_filter": f"{PREFIX}.{u}.>"})
+        assert info["state"]["subjects"] == {f"{PREFIX}.{u}.job": 50}
+
+    async def test_ids_with_line_breaks_cannot_break_the_protocol(self, buses: list[Bus]) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        odd = OutboundMessage("x\r\nPUB evil 1\r\nX", f"{u}.odd", None, b"{}")
+        await transport.send([odd])
+        await transport.send([odd])  # deduplicated by the (cleaned) id
+        await bus.publish(Event(type=f"{u}.after"))  # the connection is still fine
+        info = await _api(bus, f"STREAM.INFO.{STREAM}", {"subjects_filter": f"{PREFIX}.{u}.>"})
+        assert info["state"]["subjects"] == {f"{PREFIX}.{u}.odd": 1, f"{PREFIX}.{u}.after": 1}
+        with pytest.raises(PublishError):
+            await transport.send([OutboundMessage("id", f"{u}.bad subject", None, b"{}")])
+
+    async def test_acks_gathered_between_writes_reach_the_server(
+        self, buses: list[Bus]
+    ) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 1.0, "m", 8, 3)
+        receiver = await transport.open_receiver(spec)
+        try:
+            nc = await transport._connect()
+            assert len(nc._direct) == 2, "the inboxes (PubAcks, this receiver) go direct"
+            assert nc._batched, "nats-py's internals changed: batched writes are off"
+            await bus.publish_many([Event(type=f"{u}.job", payload={"n": n}) for n in range(3)])
+            messages: list[InboundMessage] = []
+            while len(messages) < 3:
+                messages.extend(await receiver.receive(8, 5.0))
+            for message in messages:  # within ACK_INTERVAL: the later two wait for a timer
+                await receiver.ack([message])
+            assert await receiver.receive(8, 1.5) == [], "an acked message came back"
+            name = consumer_name(f"{u}-g", f"{u}.>")
+            info = await _api(bus, f"CONSUMER.INFO.{STREAM}.{name}")
+            assert info["num_ack_pending"] == 0
+            assert info["num_redelivered"] == 0
+        finally:
+            await receiver.close()
+
+    async def test_a_deleted_consumer_is_reported_from_the_status_line(
+        self, buses: list[Bus], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 5.0, "m", 4, 3)
+        receiver = await transport.open_receiver(spec)
+        try:
+            assert await receiver.receive(4, 0.2) == []  # a pull request is now open
+            name = consumer_name(f"{u}-g", f"{u}.>")
+            await _api(bus, f"CONSUMER.DELETE.{STREAM}.{name}")
+            with caplog.at_level("WARNING", logger="agentevents.nats"):
+                started = time.monotonic()
+                assert await receiver.receive(4, 1.0) == []
+                assert time.monotonic() - started >= 0.9  # waited, did not spin
+            assert any("is gone" in record.getMessage() for record in caplog.records)
         finally:
             await receiver.close()
 

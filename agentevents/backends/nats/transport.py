@@ -38,7 +38,8 @@ Options (defaults in brackets):
 Mapping (see ``docs/architecture.md``):
 
 * publish: a request on ``<prefix>.<type>`` with header ``Nats-Msg-Id: <event id>``,
-  awaiting the PubAck; ``publish_many`` keeps up to 1,000 publishes in flight.
+  awaiting the PubAck; ``publish_many`` keeps up to 1,000 publishes in flight, written to
+  the connection as one batch.
 * group ``G`` on pattern ``P``: one durable pull consumer named from ``(G, P)`` (durable
   names allow no dots: a sanitised prefix plus a short hash), ``filter_subject``
   ``<prefix>.<P>`` (``*`` and ``>`` are NATS wildcards already), ``ack_wait`` = the
@@ -49,11 +50,18 @@ Mapping (see ``docs/architecture.md``):
   Members share the consumer (load balancing).
 * ephemeral subscriber: an unnamed pull consumer with deliver policy ``new``, deleted on
   close (and by the server after 5 minutes without pulls, should the process die).
-* receive: pull requests (``$JS.API.CONSUMER.MSG.NEXT``, ``batch`` = what the core has
-  room for, ``expires`` <= 0.3 s) answered on the receiver's own inbox subscription (no
-  per-message task as in nats-py's ``fetch``); ack ``+ACK`` (not awaited; the receiver's
-  close flushes), nack ``-NAK`` with a delay, extend ``+WPI`` (also for messages pulled
-  but not yet taken by the core). ``delivery_count`` comes from the ack subject. Before
+* receive: pull requests (``$JS.API.CONSUMER.MSG.NEXT``, ``expires`` 0.3 s) answered on
+  the receiver's own inbox subscription, whose messages go from nats-py's parser straight
+  into the receiver's buffer (no ``Msg`` object, no header parsing, no per-message task
+  as in nats-py's ``fetch`` or callbacks). Pulls are pipelined: what is buffered or still
+  due from open requests is kept at the core's room plus ``2 x max_in_flight`` (a request
+  goes out once it can ask for at least half of that), so the server fills the next batch
+  while the core handles this one; a request is renewed 0.1 s before it expires, so none
+  is ever missing. A new message wakes the core's ``receive`` at once (a future, not a
+  poll). Ack ``+ACK`` (not awaited; the acks of one receiver are written at most every
+  4 ms, the first after a pause at once; its close and the transport's close flush them),
+  nack ``-NAK`` with a delay, extend ``+WPI`` (also for messages pulled but not yet taken
+  by the core). ``delivery_count`` comes from the ack subject. Before
   messages are handed back at stop, the member's open pull requests are let expire (a
   nats-server 2.9 defect otherwise loses the hand-back until ``ack_wait``; see
   :meth:`NatsReceiver._end_requests`). The pull loop survives reconnects (nats-py
@@ -92,6 +100,7 @@ from urllib.parse import parse_qs, unquote
 import nats
 import nats.errors
 import orjson
+from nats.aio.client import Client as _NatsClient
 
 from agentevents.core.deadletter import DeadLetter
 from agentevents.core.errors import (
@@ -114,10 +123,13 @@ from agentevents.core.transport import (
 from agentevents.core.urls import redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
+
+    #: A direct handler: ``(subject, reply, data, headers)`` bytes as the parser read them.
+    Direct = Callable[[bytes, bytes, bytes, bytes | None], None]
 
 __all__ = ["NatsConfig", "NatsReceiver", "NatsTransport"]
 
@@ -132,6 +144,21 @@ EPHEMERAL_INACTIVE = 300.0
 GROUP_HEADER = "Agentevents-Group"
 #: Longest a pull request waits on the server (``receive`` pulls again within its timeout).
 PULL_EXPIRES = 0.3
+#: A request this close to its expiry no longer counts as coming: the next one is sent
+#: while it is still open, so no message waits on the server for a new request.
+PULL_RENEW = 0.1
+#: A request neither completed nor ended by a status this long after its expiry is
+#: forgotten (its status was lost, e.g. with a reconnect).
+PULL_GRACE = 0.25
+#: Messages a receiver pulls ahead of what the core has room for, per ``max_in_flight``:
+#: enough to cover the server's answer to a pull request while it is also processing the
+#: acks sent before it (several milliseconds on a busy machine).
+PREFETCH = 2
+#: Least time between two writes of one receiver's acks: the first ack after a pause is
+#: written at once, later ones gather until this much time has passed since. At a few
+#: thousand events per second every write would otherwise carry one ack, and a write to
+#: the server costs more than anything else the consumer does per event.
+ACK_INTERVAL = 0.004
 #: Least time between two pull requests of one ``receive`` call whose first one ended empty.
 PULL_PAUSE = 0.05
 
@@ -140,6 +167,9 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+#: What a subject may not contain (nats-py refuses it too: CR/LF would inject commands).
+_BLANK = re.compile(r"\s")
+_NO_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 
 def _seconds(name: str, text: str) -> float:
@@ -318,8 +348,8 @@ class _ApiError(Exception):
         self.description = description
 
 
-def _delivery_count(reply: str) -> int:
-    tokens = reply.split(".")
+def _delivery_count(reply: bytes) -> int:
+    tokens = reply.split(b".")
     try:
         if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
             return int(tokens[4])
@@ -330,11 +360,127 @@ def _delivery_count(reply: str) -> int:
     return 1
 
 
+class _Client(_NatsClient):
+    """nats-py's client with shortcuts on the hot paths.
+
+    * :meth:`set_direct`: messages of a subscription registered there go from the protocol
+      parser straight to a plain function, as the bytes it read: no parsing of the headers
+      (JetStream sends the ``Nats-Msg-Id`` header with every message), no ``Msg`` object, no
+      hop through the subscription's queue and its callback task. The subscription keeps
+      its callback: a nats-py release that stopped calling ``_process_msg`` would deliver
+      everything there, only slower.
+    * :meth:`publish_each` (one payload, e.g. ``+ACK``, to many subjects) and
+      :meth:`publish_with_ids` (events with their ``Nats-Msg-Id``) put a whole batch in the
+      outgoing buffer as one command, rather than one ``publish`` (subject and header
+      checks, command building, a flusher kick) per message. Both fall back to
+      ``publish`` should nats-py's internals change.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, Direct] = {}
+        self._batched = True
+
+    def set_direct(self, sid: int, handler: Direct | None) -> None:
+        """Hand the messages of subscription ``sid`` to ``handler`` (``None``: stop)."""
+        if handler is None:
+            self._direct.pop(sid, None)
+        else:
+            self._direct[sid] = handler
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes | None, *more: Any, **named: Any) -> None:
+        # (Any further arguments a later nats-py passes: its own path handles those.)
+        direct = self._direct.get(sid)
+        if direct is None or more or named or sid not in self._subs:
+            await super()._process_msg(sid, subject, reply, data, headers,  # type: ignore[arg-type]
+                                       *more, **named)
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        try:
+            direct(subject, reply, data, headers)
+        except Exception:  # never let it reach the parser: that would drop the connection
+            log.exception("handling a message on %r", subject)
+
+    async def publish_each(self, subjects: Sequence[bytes], payload: bytes) -> None:
+        """Publish ``payload`` to every subject of ``subjects`` (no reply, no headers)."""
+        if not subjects:
+            return
+        if self._batched:
+            tail = b" %d\r\n%s\r\n" % (len(payload), payload)
+            command = b"".join([b"PUB " + subject + tail for subject in subjects])
+            if await self._write(command, len(subjects), len(payload) * len(subjects)):
+                return
+        for subject in subjects:
+            await self.publish(subject.decode(), payload)
+
+    async def publish_with_ids(self, items: Sequence[tuple[str, str, bytes, str]]) -> None:
+        """Publish each ``(subject, reply, body, msg_id)`` with header ``Nats-Msg-Id``."""
+        if not items:
+            return
+        if self._batched:
+            parts: list[bytes] = []
+            size = 0
+            for subject, reply, body, msg_id in items:
+                if not subject or _BLANK.search(subject) or _BLANK.search(reply):
+                    raise nats.errors.BadSubjectError
+                header = (f"NATS/1.0\r\nNats-Msg-Id: {msg_id.strip().translate(_NO_NEWLINES)}"
+                          "\r\n\r\n").encode()
+                parts.append(f"HPUB {subject} {reply} {len(header)} "
+                             f"{len(header) + len(body)}\r\n".encode())
+                parts.append(header)
+                parts.append(body)
+                parts.append(b"\r\n")
+                size += len(body)
+            if await self._write(b"".join(parts), len(items), size):
+                return
+        for subject, reply, body, msg_id in items:
+            await self.publish(subject, body, reply=reply, headers={"Nats-Msg-Id": msg_id})
+
+    async def _write(self, command: bytes, messages: int, size: int) -> bool:
+        """Queue protocol ``command`` (``messages`` messages of ``size`` payload bytes) as
+        ``publish`` does; False if nats-py's internals changed (use ``publish``)."""
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        try:
+            send, flush, queue = self._send_command, self._flush_pending, self._flush_queue
+            pending, limit = self._pending_data_size, self._max_pending_size
+        except AttributeError:
+            log.debug("nats-py without _send_command: publishing one by one")
+            self._batched = False
+            return False
+        if not self.is_connected and (limit <= 0 or len(command) + pending > limit):
+            raise nats.errors.OutboundBufferLimitError
+        await send(command)
+        if queue is not None and queue.empty():
+            await flush()
+        stats = self.stats
+        stats["out_msgs"] += messages
+        stats["out_bytes"] += size
+        return True
+
+
+async def _open(options: dict[str, Any]) -> _Client:
+    """``nats.connect(**options)``, with our client class."""
+    nc = _Client()
+    await nc.connect(**options)
+    return nc
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class NatsReceiver(Receiver):
     """One member of one JetStream pull consumer; pulls on its own inbox."""
 
-    def __init__(self, transport: NatsTransport, nc: NatsClient, consumer: str,
-                 ephemeral: bool, ack_timeout: float) -> None:
+    def __init__(self, transport: NatsTransport, nc: _Client, consumer: str,
+                 ephemeral: bool, ack_timeout: float, prefetch: int = 64) -> None:
         self._transport = transport
         self._nc = nc
         self._config = transport.config
@@ -344,13 +490,23 @@ class NatsReceiver(Receiver):
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._config.stream}.{consumer}"
         self._inbox = ""
         self._buffer: deque[InboundMessage] = deque()
-        #: When each buffered message arrived (or was last kept alive with ``+WPI``).
-        self._buffered_at: deque[float] = deque()
+        #: When the oldest buffered message arrived (or was last kept alive with ``+WPI``):
+        #: set when the buffer fills from empty, so the later arrivals are kept alive early
+        #: rather than late.
+        self._buffered_since = 0.0
         self._keep_alive_after = ack_timeout / 3
         #: Outstanding pull requests: reply token -> [messages still due, expiry time].
         self._requests: dict[str, list[float]] = {}
         self._serial = 0
-        self._arrived = asyncio.Event()
+        #: Messages pulled ahead of what the core has room for (see :meth:`_want`).
+        self._prefetch = max(1, prefetch)
+        #: Futures of the tasks waiting for a message or for the end of a request.
+        self._waiters: list[asyncio.Future[None]] = []
+        #: Ack subjects not written yet, when the last were, and the timer of the next write.
+        self._acks: list[bytes] = []
+        self._acked_at = 0.0
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_tasks: set[asyncio.Future[None]] = set()
         self._sub: Any = None
         self._closed = False
         self._warned = False
@@ -364,8 +520,12 @@ class NatsReceiver(Receiver):
 
     async def start(self) -> None:
         """Subscribe to a fresh inbox for the replies to our pull requests."""
-        self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        nc = self._nc
+        self._inbox = nc.new_inbox()
+        self._sub = sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        sid = getattr(sub, "_id", None)
+        if isinstance(sid, int):
+            nc.set_direct(sid, self._on_raw)
 
     async def _end_requests(self) -> None:
         """Wait (at most ``PULL_EXPIRES`` and a little) until our pull requests are over.
@@ -377,11 +537,9 @@ class NatsReceiver(Receiver):
         comes back only after ``ack_wait``, and another one twice); and a request still
         open would take the handed-back messages straight back to this stopping member.
         """
-        deadline = time.monotonic() + PULL_EXPIRES + 0.3
-        while self._sub is not None and self._outstanding() and time.monotonic() < deadline:
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
+        deadline = time.monotonic() + PULL_EXPIRES + PULL_GRACE + 0.05
+        while self._sub is not None and self._open() and time.monotonic() < deadline:
+            await self._wait(deadline - time.monotonic())
 
     async def _stop_pulling(self) -> None:
         """End our pull requests and unsubscribe, keeping what they delivered (buffer)."""
@@ -394,72 +552,151 @@ class NatsReceiver(Receiver):
                 await asyncio.wait_for(sub.drain(), max(self._config.publish_timeout, 1.0))
             except Exception as exc:  # disconnected: the server lost the requests anyway
                 log.debug("draining the inbox of %s: %r", self._consumer, exc)
+            sid = getattr(sub, "_id", None)
+            if isinstance(sid, int):
+                self._nc.set_direct(sid, None)
 
     def reset(self) -> None:
         """Forget pull requests (the server lost them, e.g. on reconnect)."""
         self._requests.clear()
-        self._arrived.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        """Wake the tasks waiting in :meth:`_wait`."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self, timeout: float) -> None:
+        """Until a message or the end of a request arrives, or ``timeout`` seconds pass.
+
+        A bare future and a timer: a message wakes the receiving task directly, one
+        event-loop step after the parser read it (``wait_for`` on an ``Event`` costs a
+        task and two more steps).
+        """
+        if timeout <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(timeout, _settle, waiter)
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if waiter in self._waiters:  # (not woken by _signal)
+                self._waiters.remove(waiter)
+
+    def _on_raw(self, subject: bytes, reply: bytes, data: bytes,
+                headers: bytes | None) -> None:
+        """A message on our inbox, straight from the parser (see :class:`_Client`)."""
+        if reply[:8] == b"$JS.ACK.":
+            self._on_message(subject, reply, data)
+        elif headers and headers[8:9] == b" ":  # b"NATS/1.0 408 Request Timeout\r\n..."
+            line = headers[9:].split(b"\r\n", 1)[0].decode("utf-8", "replace")
+            status, _, description = line.partition(" ")
+            self._on_status(subject.decode(), status, description)
 
     async def _on_msg(self, msg: Msg) -> None:
+        """The same through nats-py's callback (used only without the direct path)."""
         reply = msg.reply
-        if reply and reply.startswith("$JS.ACK."):
-            requests = self._requests
-            if requests:  # attribute it to the oldest request still open
-                token = next(iter(requests))
-                request = requests[token]
-                request[0] -= 1
-                if request[0] <= 0:
-                    del requests[token]
-            self._buffer.append(InboundMessage(
-                msg.data, msg.subject[self._strip:], _delivery_count(reply), None, reply))
-            self._buffered_at.append(time.monotonic())
-            self._arrived.set()
-            return
-        status = msg.headers.get("Status") if msg.headers else None
-        if status is not None and status != "100":  # 404/408/409/503: the request is over
-            self._requests.pop(msg.subject.rsplit(".", 1)[-1], None)
-            gone = status == "503" or (status == "409" and "Deleted" in str(msg.headers))
-            if gone and not self._warned:
-                self._warned = True
-                log.warning("NATS consumer %s on stream %s is gone (%s %s); this "
-                            "subscription receives nothing until it is re-created",
-                            self._consumer, self._config.stream, status,
-                            msg.headers.get("Description", "") if msg.headers else "")
-            self._arrived.set()
+        if reply.startswith("$JS.ACK."):
+            self._on_message(msg.subject.encode(), reply.encode(), msg.data)
+        elif msg.headers and "Status" in msg.headers:
+            self._on_status(msg.subject, msg.headers["Status"],
+                            msg.headers.get("Description", ""))
 
-    def _outstanding(self) -> int:
+    def _on_message(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        requests = self._requests
+        if requests:  # attribute it to the oldest request still open
+            token = next(iter(requests))
+            request = requests[token]
+            request[0] -= 1
+            if request[0] <= 0:
+                del requests[token]
+        buffer = self._buffer
+        if not buffer:
+            self._buffered_since = time.monotonic()
+        buffer.append(InboundMessage(
+            data, subject[self._strip:].decode(), _delivery_count(reply), None, reply))
+        if self._waiters:
+            self._signal()
+
+    def _on_status(self, subject: str, status: str, description: str) -> None:
+        if status == "100":  # heartbeat / flow control: not an end
+            return
+        # 404/408/409/503: the request is over
+        self._requests.pop(subject.rsplit(".", 1)[-1], None)
+        gone = status == "503" or (status == "409" and "Deleted" in description)
+        if gone and not self._warned:
+            self._warned = True
+            log.warning("NATS consumer %s on stream %s is gone (%s %s); this "
+                        "subscription receives nothing until it is re-created",
+                        self._consumer, self._config.stream, status, description)
+        self._signal()
+
+    def _open(self) -> bool:
+        """Whether a pull request of ours may still deliver (forgetting the lost ones)."""
+        now = time.monotonic()
+        for token, (_due, ends) in list(self._requests.items()):
+            if ends + PULL_GRACE < now:
+                del self._requests[token]
+        return bool(self._requests)
+
+    def _coming(self) -> int:
+        """Messages our open pull requests may still deliver, but for those about to end."""
         now = time.monotonic()
         total = 0
-        for token, (due, expires) in list(self._requests.items()):
-            if expires < now:
+        for token, (due, ends) in list(self._requests.items()):
+            if ends + PULL_GRACE < now:
                 del self._requests[token]
-            else:
+            elif ends - PULL_RENEW > now:
                 total += int(due)
         return total
 
-    async def _pull(self, count: int, timeout: float) -> None:
+    def _next_renewal(self) -> float:
+        """Seconds until the next open request stops counting as coming (see PULL_RENEW)."""
+        now = time.monotonic()
+        later = [ends - PULL_RENEW - now for _due, ends in self._requests.values()
+                 if ends - PULL_RENEW > now]
+        return min(later) if later else PULL_EXPIRES
+
+    def _want(self, room: int) -> int:
+        """How many messages to pull now (0: none) to keep the pipeline full.
+
+        What is buffered or still coming should cover the core's ``room`` plus
+        ``prefetch`` more: the server then prepares the next batch while the core handles
+        this one, instead of the two taking turns (a round trip per batch). A request asks
+        for at least half of that target, so a steady stream costs one request per half a
+        target's worth of messages, not one per ``receive``.
+        """
+        target = room + self._prefetch
+        want = target - len(self._buffer) - self._coming()
+        return want if want >= max(1, target // 2) else 0
+
+    async def _pull(self, count: int) -> bool:
+        """Send a pull request for ``count`` messages; False if the connection refused it."""
         self._serial += 1
         token = str(self._serial)
-        expires = min(max(timeout, 0.01), PULL_EXPIRES)
-        self._requests[token] = [float(count), time.monotonic() + expires + 0.25]
-        request = b'{"batch":%d,"expires":%d}' % (count, _ns(expires))
-        await self._nc.publish(self._next_subject, request, reply=f"{self._inbox}.{token}")
+        self._requests[token] = [float(count), time.monotonic() + PULL_EXPIRES]
+        request = b'{"batch":%d,"expires":%d}' % (count, _ns(PULL_EXPIRES))
+        try:
+            await self._nc.publish(self._next_subject, request, reply=f"{self._inbox}.{token}")
+        except nats.errors.Error as exc:  # closed, or reconnecting with a full buffer
+            self._requests.pop(token, None)
+            log.debug("pull request on %s: %r", self._consumer, exc)
+            return False
+        return True
 
     def _take(self, max_messages: int) -> list[InboundMessage]:
         buffer = self._buffer
         count = min(max_messages, len(buffer))
-        out = [buffer.popleft() for _ in range(count)]
-        for _ in range(count):
-            self._buffered_at.popleft()
-        if not buffer:
-            self._arrived.clear()
-        return out
+        return [buffer.popleft() for _ in range(count)]
 
     async def receive(self, max_messages: int, timeout: float) -> Sequence[InboundMessage]:
         if self._closed:
             return []
-        if self._buffer:
-            return self._take(max_messages)
         if self._sub is None:
             await self.start()
         self._halted = False
@@ -475,32 +712,28 @@ class NatsReceiver(Receiver):
         deadline = time.monotonic() + timeout
         pulled_at: float | None = None
         while not self._closed:
-            want = max_messages - self._outstanding()
-            if want > 0 and not self._nc.is_closed:
-                if pulled_at is not None:  # a pull ended empty (status): do not spin
-                    pause = pulled_at + PULL_PAUSE - time.monotonic()
+            # Pull before taking: a cancellation while the request is sent loses nothing.
+            want = self._want(max_messages) if not self._nc.is_closed else 0
+            if want:
+                if pulled_at is not None and not self._buffer:
+                    # Our last request ended without a message (e.g. the consumer is
+                    # gone): do not spin.
+                    pause = min(pulled_at + PULL_PAUSE, deadline) - time.monotonic()
                     if pause > 0:
-                        await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-                        if self._buffer or time.monotonic() >= deadline:
-                            break
-                pulled_at = time.monotonic()
-                with contextlib.suppress(nats.errors.Error):
-                    await self._pull(want, max(deadline - pulled_at, 0.01))
+                        await self._wait(pause)
+                        continue
+                if await self._pull(want):
+                    pulled_at = time.monotonic()
+            if self._buffer:
+                return self._take(max_messages)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._arrived.clear()
-            if not self._buffer:  # (it may have filled while the pull was being sent)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-            if self._buffer:
-                return self._take(max_messages)
+            await self._wait(min(remaining, self._next_renewal()))
         return self._take(max_messages) if self._buffer else []
 
     async def _send(self, messages: Sequence[InboundMessage], payload: bytes) -> None:
-        publish = self._nc.publish
-        for message in messages:
-            await publish(message.handle, payload)
+        await self._nc.publish_each([message.handle for message in messages], payload)
 
     async def _keep_buffer_alive(self) -> None:
         """``+WPI`` messages pulled but not yet returned, before their ``ack_wait`` ends.
@@ -508,15 +741,47 @@ class NatsReceiver(Receiver):
         A pull request may deliver more than the core takes at once (it asked for a batch
         while it had room); those wait here while the core is full.
         """
-        times = self._buffered_at
-        if times and times[0] < time.monotonic() - self._keep_alive_after:
+        if self._buffer and self._buffered_since < time.monotonic() - self._keep_alive_after:
             await self._send(list(self._buffer), b"+WPI")
-            now = time.monotonic()
-            self._buffered_at = deque(now for _ in times)
+            self._buffered_since = time.monotonic()
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
-        await self._send(messages, b"+ACK")
+        self._acks.extend([message.handle for message in messages])
+        if self._ack_timer is None:
+            loop = asyncio.get_running_loop()
+            due = self._acked_at + ACK_INTERVAL
+            if loop.time() >= due:
+                await self._flush_acks()
+            else:
+                self._ack_timer = loop.call_at(due, self._acks_due)
         await self._keep_buffer_alive()
+
+    async def flush_acks(self) -> None:
+        """Write the acks still gathering at once (the transport's close calls it)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        await self._flush_acks()
+
+    def _acks_due(self) -> None:
+        self._ack_timer = None
+        task = asyncio.ensure_future(self._flush_acks(raising=False))
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
+
+    async def _flush_acks(self, raising: bool = True) -> None:
+        """Write the acks gathered since the last write (see ``ACK_INTERVAL``)."""
+        handles, self._acks = self._acks, []
+        self._acked_at = asyncio.get_running_loop().time()
+        if not handles:
+            return
+        try:
+            await self._nc.publish_each(handles, b"+ACK")
+        except Exception as exc:
+            if raising:
+                raise
+            log.warning("NATS consumer %s: %d ack(s) not sent (%r); they are redelivered "
+                        "after ack_wait", self._consumer, len(handles), exc)
 
     async def nack(self, messages: Sequence[InboundMessage], delay: float = 0.0) -> None:
         payload = b"-NAK" if delay <= 0 else b'-NAK {"delay":%d}' % _ns(delay)
@@ -532,17 +797,17 @@ class NatsReceiver(Receiver):
         if self._closed:
             return
         self._closed = True
-        self._arrived.set()
+        self._signal()
         self._transport._receivers.discard(self)
         nc = self._nc
         try:
+            await self.flush_acks()
             # End our open pull requests; messages delivered but never returned go back
             # at once.
             await self._stop_pulling()
             if self._buffer:
                 await self._send(list(self._buffer), b"-NAK")
                 self._buffer.clear()
-                self._buffered_at.clear()
             if self._ephemeral:
                 await self._transport._api(
                     nc, f"CONSUMER.DELETE.{self._config.stream}.{self._consumer}", None)
@@ -565,12 +830,12 @@ class NatsTransport(Transport):
             cross_process=True,
             max_payload_bytes=self.config.max_payload - HEADER_RESERVE,
         )
-        self._nc: NatsClient | None = None
+        self._nc: _Client | None = None
         self._lock = asyncio.Lock()
         self._receivers: weakref.WeakSet[NatsReceiver] = weakref.WeakSet()
         self._closed = False
-        #: PubAcks awaited: reply token -> future of the PubAck message.
-        self._pub_acks: dict[str, asyncio.Future[Msg]] = {}
+        #: PubAcks awaited: reply token -> future of the PubAck's (body, status).
+        self._pub_acks: dict[bytes, asyncio.Future[tuple[bytes, str | None]]] = {}
         self._pub_inbox = ""
         self._pub_serial = 0
 
@@ -616,7 +881,7 @@ class NatsTransport(Transport):
         return ("the server requires authentication: add user:password@ or token@ to the "
                 "URL, or ?creds=/path/to/user.creds")
 
-    async def _connect(self) -> NatsClient:
+    async def _connect(self) -> _Client:
         if self._nc is not None and not self._nc.is_closed:
             return self._nc
         async with self._lock:
@@ -676,7 +941,7 @@ class NatsTransport(Transport):
                 options["tls"] = context
             # nats-py retries the first connect until our deadline, refused credentials
             # included: stop at the first refusal instead.
-            connecting = asyncio.ensure_future(nats.connect(**options))
+            connecting = asyncio.ensure_future(_open(options))
             watching = asyncio.ensure_future(refused.wait())
             try:
                 await asyncio.wait((connecting, watching), timeout=config.connect_timeout * 2,
@@ -703,7 +968,10 @@ class NatsTransport(Transport):
                     f"cannot connect to NATS at {self._shown}: {exc!r}") from exc
             try:
                 self._pub_inbox = nc.new_inbox()
-                await nc.subscribe(f"{self._pub_inbox}.*", cb=self._on_pub_ack)
+                sub = await nc.subscribe(f"{self._pub_inbox}.*", cb=self._on_pub_ack)
+                sid = getattr(sub, "_id", None)
+                if isinstance(sid, int):
+                    nc.set_direct(sid, self._on_pub_ack_raw)
                 server_max = nc.max_payload
                 if server_max < config.max_payload:
                     log.warning("NATS %s: the server's max_payload is %d bytes, smaller than "
@@ -783,28 +1051,41 @@ class NatsTransport(Transport):
             raise _ApiError(int((error or {}).get("code", 0)), int((error or {}).get(
                 "err_code", 0)), str((error or {}).get("description", data)))
 
-    async def _on_pub_ack(self, msg: Msg) -> None:
-        future = self._pub_acks.pop(msg.subject.rsplit(".", 1)[-1], None)
+    def _on_pub_ack_raw(self, subject: bytes, reply: bytes, data: bytes,
+                        headers: bytes | None) -> None:
+        """A PubAck, straight from the parser (see :class:`_Client`)."""
+        future = self._pub_acks.pop(subject[subject.rfind(b".") + 1:], None)
         if future is not None and not future.done():
-            future.set_result(msg)
+            status = headers[9:12].decode() if headers and headers[8:9] == b" " else None
+            future.set_result((data, status))
 
-    async def _publish_window(self, nc: NatsClient,
-                              jobs: Sequence[tuple[str, bytes, dict[str, str]]]
+    async def _on_pub_ack(self, msg: Msg) -> None:
+        """The same through nats-py's callback (used only without the direct path)."""
+        future = self._pub_acks.pop(msg.subject.rsplit(".", 1)[-1].encode(), None)
+        if future is not None and not future.done():
+            future.set_result((msg.data, msg.headers.get("Status") if msg.headers else None))
+
+    async def _publish_window(self, nc: _Client, jobs: Sequence[tuple[str, bytes, str]]
                               ) -> list[BaseException]:
-        """Publish ``jobs`` with their PubAcks awaited together; return the failures."""
+        """Publish ``jobs`` (subject, body, id) with their PubAcks awaited together; return
+        the failures."""
         loop = asyncio.get_running_loop()
         acks = self._pub_acks
         inbox = self._pub_inbox
-        futures: list[tuple[str, asyncio.Future[Msg]]] = []
+        futures: list[tuple[bytes, asyncio.Future[tuple[bytes, str | None]]]] = []
+        items: list[tuple[str, str, bytes, str]] = []
         failures: list[BaseException] = []
+        serial = self._pub_serial
+        for subject, body, msg_id in jobs:
+            serial += 1
+            token = b"%d" % serial
+            future: asyncio.Future[tuple[bytes, str | None]] = loop.create_future()
+            acks[token] = future
+            futures.append((token, future))
+            items.append((subject, f"{inbox}.{serial}", body, msg_id))
+        self._pub_serial = serial
         try:
-            for subject, body, headers in jobs:
-                self._pub_serial += 1
-                token = str(self._pub_serial)
-                future: asyncio.Future[Msg] = loop.create_future()
-                acks[token] = future
-                futures.append((token, future))
-                await nc.publish(subject, body, reply=f"{inbox}.{token}", headers=headers)
+            await nc.publish_with_ids(items)
             if futures:
                 await asyncio.wait([f for _, f in futures], timeout=self.config.publish_timeout)
         except nats.errors.Error as exc:
@@ -821,13 +1102,12 @@ class NatsTransport(Transport):
                 else:
                     failures.append(failures[0])
                 continue
-            msg = future.result()
-            status = msg.headers.get("Status") if msg.headers else None
+            body, status = future.result()
             if status == "503":
                 failures.append(nats.errors.NoRespondersError())
                 continue
             try:
-                data = orjson.loads(msg.data)
+                data = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
                 failures.append(exc)
                 continue
@@ -869,7 +1149,7 @@ class NatsTransport(Transport):
             size = len(body) + len(msg_id) + 27
             if size > limit:
                 raise PayloadTooLargeError(msg_id, len(body), limit - HEADER_RESERVE)
-            jobs.append((f"{prefix}.{message.topic}", body, {"Nats-Msg-Id": msg_id}))
+            jobs.append((f"{prefix}.{message.topic}", body, msg_id))
         failures: list[BaseException] = []
         for start in range(0, len(jobs), PUBLISH_WINDOW):
             failures.extend(await self._publish_window(nc, jobs[start : start + PUBLISH_WINDOW]))
@@ -920,7 +1200,8 @@ class NatsTransport(Transport):
                 f"NATS {self._shown}: cannot create consumer for {spec.pattern.text!r} "
                 f"(group {spec.group!r}) on stream {stream!r}: {exc}") from exc
         receiver = NatsReceiver(self, nc, name, ephemeral=spec.group is None,
-                                ack_timeout=spec.ack_timeout)
+                                ack_timeout=spec.ack_timeout,
+                                prefetch=PREFETCH * spec.max_in_flight)
         await receiver.start()
         self._receivers.add(receiver)
         return receiver
@@ -964,6 +1245,9 @@ class NatsTransport(Transport):
 
     async def close(self) -> None:
         self._closed = True
+        for receiver in list(self._receivers):  # not closed by a bus: send their acks
+            with contextlib.suppress(Exception):
+                await receiver.flush_acks()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
