@@ -5,7 +5,8 @@ Run by hand (never in CI), with Redis on 127.0.0.1:6379::
     .venv/bin/python benchmarks/bench_redis.py                  # 20k events
     .venv/bin/python benchmarks/bench_redis.py --events 50000 --url redis://host:6379/0
 
-Figures (events/s, median of ``--repeat`` runs), each next to its raw redis-py baseline:
+Figures (events/s, median of ``--repeat`` runs, the bus's and the baseline's taken in
+turns), each next to its raw redis-py baseline:
 
 * publish: ``await bus.publish(e)`` one at a time vs an awaited ``XADD`` per event (the
   same CloudEvents bytes);
@@ -17,7 +18,8 @@ Figures (events/s, median of ``--repeat`` runs), each next to its raw redis-py b
   bus's own entries (flat fields) decoding each body with ``decode_event`` — the least
   any consumer of these events does;
 * publish_many is likewise compared with pipelined ``XADD`` of the bus's own flat fields;
-* end-to-end latency (publish -> handler) p50/p99 at a paced 1,000 events/s.
+* end-to-end latency (publish -> handler) p50/p99 at a paced 1,000 events/s (median of
+  ``--repeat`` runs; each run's figures are printed too).
 
 Every run uses its own key prefix and deletes its keys at the end (never a flush).
 """
@@ -219,8 +221,16 @@ async def raw_consume(url: str, n: int, like_for_like: bool = False) -> float:
     return n / elapsed
 
 
-async def median(runner: Callable[[], Awaitable[float]], repeat: int) -> float:
-    return statistics.median([await runner() for _ in range(repeat)])
+async def medians(ours: Callable[[], Awaitable[float]], raw: Callable[[], Awaitable[float]],
+                  repeat: int) -> tuple[float, float]:
+    """Median of ``repeat`` runs of each, taken in turns (ours, raw, ours, raw, ...), so
+    that a slow spell of a shared machine weighs on both sides alike."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(repeat):
+        a.append(await ours())
+        b.append(await raw())
+    return statistics.median(a), statistics.median(b)
 
 
 async def main() -> None:
@@ -247,13 +257,15 @@ async def main() -> None:
          lambda: raw_consume(url, n, True), "same, bus's entries+decode"),
     ]
     for name, ours, raw, raw_name in rows:
-        a = await median(ours, repeat)
-        b = await median(raw, repeat)
+        a, b = await medians(ours, raw, repeat)
         print(f"{name:34s} {a:10,.0f} ev/s | raw {raw_name:27s} {b:10,.0f} ev/s "
               f"| ratio {a / b:.2f}")
-    p50, p99 = await ae_latency(url, args.latency_events, 1000.0)
-    print(f"end-to-end latency at 1,000 ev/s ({args.latency_events} events): "
-          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    runs = [await ae_latency(url, args.latency_events, 1000.0) for _ in range(repeat)]
+    p50 = statistics.median(run[0] for run in runs)
+    p99 = statistics.median(run[1] for run in runs)
+    each = ", ".join(f"{run[0]:.2f}/{run[1]:.2f}" for run in runs)
+    print(f"end-to-end latency at 1,000 ev/s ({args.latency_events} events, median of "
+          f"{repeat} runs): p50 {p50:.2f} ms, p99 {p99:.2f} ms (runs p50/p99: {each})")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ from agentevents.core.bus import Bus  # noqa: E402
 from agentevents.core.codec import decode_event, encode_event  # noqa: E402
 from agentevents.core.errors import ConfigurationError, PublishError  # noqa: E402
 from agentevents.core.event import Event, new_event_id  # noqa: E402
+from agentevents.core.patterns import compile_pattern  # noqa: E402
+from agentevents.core.transport import (  # noqa: E402
+    ConsumerSpec,
+    OutboundMessage,
+    Receiver,
+    StartPosition,
+)
 from agentevents.plugins.registry import create_bus  # noqa: E402
 
 require("REDIS", REDIS_URL, probe_redis)
@@ -194,6 +201,28 @@ class TestWireFormat:
         document = orjson.loads(fields["body"])
         assert document["specversion"] == "1.0"
         assert decode_event(fields["body"]) == event
+
+    async def test_text_is_sent_as_utf_8_and_bytes_as_they_are(
+        self, url: str, prefix: str, buses: list[Bus]
+    ) -> None:
+        """The transport packs its own commands: non-ASCII keys and sources, and bodies
+        holding protocol bytes (CR LF, ``$``, ``*``), arrive unchanged."""
+        bus = create_bus(url)
+        buses.append(bus)
+        received = Collector("member")
+        await bus.subscribe("text.>", received, group="texts")
+        event = Event(type="text.sent", source="agent-é", key="clé-✓",
+                      payload={"raw": "a\r\n$3\r\n*1\r\nb", "emoji": "🙂"})
+        await bus.publish(event)
+        await received.wait_for_events([event])
+        client = _sync_client()
+        try:
+            ((_entry_id, fields),) = client.xrange(f"{prefix}:stream:text.sent")
+        finally:
+            client.close()
+        assert fields[b"key"].decode() == "clé-✓"
+        assert fields[b"source"].decode() == "agent-é"
+        assert decode_event(fields[b"body"]) == event
 
     async def test_entries_of_other_clients_need_no_publish_time(
         self, url: str, prefix: str, buses: list[Bus]
@@ -545,3 +574,120 @@ async def test_lone_member_keeps_publish_order_when_ids_are_older_than_publishin
     finally:
         client.close()
     assert any(millis[str(batch[0].id)] == millis[str(batch[2].id)] for batch in planned)
+
+
+# -- the merge of several streams by one member: what may be handed out when ----------------
+#
+# These drive one receiver directly, so that every read and every publish happens at a
+# known moment: the merge must hand out an entry only when no stream can still hold an
+# older one (see "Receiving" in the transport's docstring).
+
+
+def _spec(pattern: str, group: str | None, start: StartPosition = "latest") -> ConsumerSpec:
+    return ConsumerSpec(pattern=compile_pattern(pattern), group=group, start=start,
+                        ack_timeout=30.0, consumer="m1", max_in_flight=2, max_attempts=5)
+
+
+async def _send(transport: RedisTransport, *items: tuple[str, str, str | None]) -> None:
+    """Publish ``(name, type, key)`` raw messages, in one pipeline, body = name."""
+    await transport.send([OutboundMessage(name, topic, key, body=name.encode())
+                          for name, topic, key in items])
+
+
+async def _drain(receiver: Receiver, total: int, limit: int = 2) -> list[str]:
+    """Bodies of what ``receiver`` hands out, ``limit`` at most per call, acked."""
+    got: list[str] = []
+    deadline = time.monotonic() + 10
+    while len(got) < total and time.monotonic() < deadline:
+        batch = await receiver.receive(limit, 0.2)
+        assert len(batch) <= limit
+        got += [bytes(m.body or b"").decode() for m in batch]
+        await receiver.ack(batch)
+    return got
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("group", ["merging", None])
+async def test_reading_on_full_streams_does_not_pass_entries_of_the_others(
+    url: str, group: str | None
+) -> None:
+    """The regression behind the outbox fault test's v13-before-v12.
+
+    A read with COUNT 2 gets a1 a2 (stream a, full) and b1 (stream b), hands out a1 a2 and
+    keeps b1: stream a may hold entries older than b1. Then the publisher sends X (type b)
+    and Y (type a) of one key. The receiver used to read on *only the full stream a*,
+    found Y and nothing else there, and took that as "complete": it handed out b1 and Y
+    while X, older, still sat unread in stream b. A read that continues must read every
+    stream, since any of them may have grown since the previous read.
+    """
+    publisher, consumer = RedisTransport.from_url(url), RedisTransport.from_url(url)
+    try:
+        await _send(publisher, ("w1", "merge.a", None), ("w2", "merge.b", None))
+        receiver = await consumer.open_receiver(_spec("merge.>", group))
+        await _send(publisher, ("a1", "merge.a", None), ("a2", "merge.a", None),
+                    ("b1", "merge.b", None))
+        first = await receiver.receive(2, 1.0)
+        assert [bytes(m.body or b"").decode() for m in first] == ["a1", "a2"]
+        await receiver.ack(first)
+        await _send(publisher, ("X", "merge.b", "k"))
+        await _send(publisher, ("Y", "merge.a", "k"))
+        assert await _drain(receiver, 3) == ["b1", "X", "Y"]
+        await receiver.close()
+    finally:
+        await publisher.close()
+        await consumer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_full_stream_bounds_the_merge_by_its_millisecond_not_its_stamp(
+    url: str, prefix: str
+) -> None:
+    """Entries of one Redis millisecond are ordered by ``pt``, which is each publisher's
+    own clock: a later entry of a stream may carry a smaller ``pt`` than an earlier one.
+
+    Stream s holds L0 L1 (publisher Q, pt 800 and 900), then s1 (publisher P, pt 100);
+    stream a holds a1 (P, pt 200, published after s1, same key). A read with COUNT 2 stops
+    stream s at L1. The receiver used to take L1's whole order as the bound and hand out
+    a1 (pt 200 < 900) before s1 was even read. What a full stream has not returned yet may
+    be anything from the millisecond of its last entry on, so only entries of earlier
+    milliseconds are complete.
+    """
+    client = _sync_client()
+    try:
+        client.sadd(f"{prefix}:types", "skew.s", "skew.a")
+        for entry_id, pt, name in (("5000-0", 800, "L0"), ("5000-1", 900, "L1"),
+                                   ("5000-2", 100, "s1")):
+            client.xadd(f"{prefix}:stream:skew.s", {"pt": pt, "body": name}, id=entry_id)
+        client.xadd(f"{prefix}:stream:skew.a", {"pt": 200, "body": "a1"}, id="5000-0")
+    finally:
+        client.close()
+    consumer = RedisTransport.from_url(url)
+    try:
+        receiver = await consumer.open_receiver(_spec("skew.>", "skewed", "earliest"))
+        assert await _drain(receiver, 4) == ["s1", "a1", "L0", "L1"]
+        await receiver.close()
+    finally:
+        await consumer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("group", ["discovering", None])
+async def test_an_entry_waits_for_a_stream_created_before_it_was_read(
+    url: str, group: str | None
+) -> None:
+    """X goes to a brand-new stream (its type registered first), then Y of the same key
+    to a known one. A read that finds Y must not hand it out before the receiver has
+    looked at the stream that appeared meanwhile: every read checks the type registry.
+    (The receiver used to re-read the registry only every 0.25 s, and handed out Y
+    first.)"""
+    publisher, consumer = RedisTransport.from_url(url), RedisTransport.from_url(url)
+    try:
+        await _send(publisher, ("w1", "found.a", None))
+        receiver = await consumer.open_receiver(_spec("found.>", group))
+        await _send(publisher, ("X", "found.b", "k"))
+        await _send(publisher, ("Y", "found.a", "k"))
+        assert await _drain(receiver, 2) == ["X", "Y"]
+        await receiver.close()
+    finally:
+        await publisher.close()
+        await consumer.close()

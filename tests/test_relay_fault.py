@@ -48,12 +48,12 @@ KILLS = 3
 #: The whole scenario (appends, kills, draining) must finish within this many seconds.
 BOUND = 60.0
 LEASE_TTL = 1.0
-#: One event type: each key's events then share one Redis stream, whose XADD order is the
-#: order the relay published in, so this checks the relay's order alone. With two types a
-#: key's events sit in two Redis streams, which a member merges by (ms, pt, seq); that
-#: merge still let a key's v13 overtake its v12 in about one loaded run in four (an open
-#: Redis receiver bug, not the relay's).
-TYPES = ("relayfault.item.added",)
+#: Two event types, so each key's events are spread over two Redis streams, which the
+#: member merges in publish order (by millisecond and the publisher's ``pt`` stamp, not the
+#: event ids, which a relay publishes long after several writers minted them), handing an
+#: entry out only once every stream has been read past it (see ``_StreamReceiver`` in the
+#: Redis transport): the relay's order and that merge are both checked.
+TYPES = ("relayfault.item.added", "relayfault.item.checked")
 
 
 @pytest.fixture

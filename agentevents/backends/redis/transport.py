@@ -38,10 +38,11 @@ every ``<prefix>`` below is ``{<prefix>}``, see *Redis Cluster*):
 ``<prefix>:types``
     A SET of every event type ever published (the streams that exist). A publisher adds a
     type (in the same pipeline, before the ``XADD``) the first time it publishes it.
-    Receivers re-read it (``SCARD`` every 0.25 s, ``SMEMBERS`` when it grew) to discover
-    streams created after they started, so ``code.>`` receives ``code.build.failed``
-    first published later. The first event of a brand-new type may therefore wait up to
-    one blocking read (<= 1 s) before a wildcard subscriber sees it.
+    Every read of a receiver is followed, in the same round trip, by ``SCARD`` of this
+    set; when it grew, the receiver re-reads it (``SMEMBERS``) and joins the new matching
+    streams, so ``code.>`` receives ``code.build.failed`` first published later. The first
+    event of a brand-new type may therefore wait up to one blocking read (<= 1 s) before
+    a wildcard subscriber sees it.
 ``<prefix>:groups``
     A HASH: consumer-group name -> the stream id the group starts from on streams it
     discovers later (``0-0`` for ``start="earliest"``; for ``"latest"`` the server time
@@ -62,26 +63,30 @@ and at the group's recorded start id on streams discovered later, so nothing pub
 a new stream after the group began is missed. Each member is a Redis consumer named
 ``ConsumerSpec.consumer``.
 
-Receiving (one member): ``XREADGROUP ... BLOCK <= 1 s COUNT n STREAMS <all matching> >``.
-Entries of several streams are merged in publish order as far as Redis can tell: by the
-entry's millisecond (the server's clock, one for all streams), then ``pt``, then the
-entry's sequence number. ``pt`` is given in the order entries go into a publish pipeline
-and never repeats or decreases within one transport (``max(last + 1, now in µs)``), so a
-lone member is meant to see one publisher's events in its publish order even when a key's
-events have different types and their event ids are not in publish order (ids minted long
-before publishing, as by an outbox relay: the event id plays no part). Known gap: under
-load a key's later event of one type has still been seen to overtake an earlier one of
-another type (the outbox fault test with two types, about one run in four); keep one type
-per key where cross-type order matters until that is found.
-Entries of different publishers within one Redis millisecond are ordered by their clocks,
-which is the best Redis can tell about events that were published concurrently. Entries
-without a numeric ``pt`` (written by other clients) order as ``pt = 0``: first within
-their millisecond. Redis applies ``COUNT`` per stream, so a stream that returned a full
-``COUNT`` may hold older entries than another stream returned: entries beyond the earliest
-such "horizon" wait in a local buffer (they are already in this member's pending list)
-until the next read of the full streams has caught up; buffered entries that waited longer
-than ``ack_timeout / 4`` get their idle clock reset (``XCLAIM ... JUSTID``, unless another
-member claimed them meanwhile) before they are handed out. Every
+Receiving (one member): ``XREADGROUP ... BLOCK <= 1 s COUNT n STREAMS <all matching> >``
+followed by ``SCARD <prefix>:types`` in the same round trip. Entries of several streams
+are merged in publish order as far as Redis can tell: by the entry's millisecond (the
+server's clock, one for all streams), then ``pt``, then the entry's sequence number.
+``pt`` is given in the order entries go into a publish pipeline and never repeats or
+decreases within one transport (``max(last + 1, now in µs)``), so a lone member sees one
+publisher's events in its publish order even when a key's events have different types and
+their event ids are not in publish order (ids minted long before publishing, as by an
+outbox relay: the event id plays no part). Entries of different publishers within one
+Redis millisecond are ordered by their clocks, which is the best Redis can tell about
+events that were published concurrently. Entries without a numeric ``pt`` (written by
+other clients) order as ``pt = 0``: first within their millisecond.
+
+The merge hands an entry out only when no stream can still hold an unread entry that
+sorts before it (see ``_StreamReceiver`` for the reasoning). Redis applies ``COUNT`` per
+stream: a stream that returned ``n`` entries may hold more, from the millisecond of its
+last one on; a stream that returned fewer held nothing more when it was read. So after
+each read (always of every stream), entries of milliseconds below the smallest last
+millisecond of a full stream are complete and handed out in order; later ones wait in a
+local buffer (they are already in this member's pending list) for the next read, which
+follows at once, without blocking. A read that finds the type registry grown joins the
+new streams and hands nothing out until they have been read too. Buffered entries that
+waited longer than ``ack_timeout / 4`` get their idle clock reset (``XCLAIM ... JUSTID``,
+unless another member claimed them meanwhile) before they are handed out. Every
 ``min(ack_timeout / 4, 2 s)`` the member runs ``XAUTOCLAIM`` with ``min-idle-time =
 ack_timeout`` on each stream: entries of a vanished member come here, with their delivery
 count read from the pending list (``XPENDING``), so the core counts the earlier deliveries.
@@ -106,6 +111,15 @@ Publishing: ``XADD`` (``*`` ids) in a non-transactional pipeline; the reply is R
 acceptance (durability beyond that is the server's ``appendonly``/``appendfsync``
 setting). Concurrent ``publish`` calls are coalesced: while one pipeline is in flight the
 next calls collect, and go together in the next one; an idle publisher sends at once.
+
+Connections: the hot paths (a publisher's pipelines, a member's reads and its
+acknowledgements) each keep one connection and talk to it through redis-py's public
+connection API: commands packed by this module, raw replies read back to back, one
+timeout per round trip. redis-py's per-command machinery (argument encoding, a pool
+checkout, a task and a timeout per send, a timeout and a response callback per reply)
+was the largest cost of publishing and consuming after decoding. On a cluster these
+commands go as a redis-py pipeline to the namespace's node; everything else goes through
+the redis-py client.
 
 Redis Cluster: the URL names any one node (``redis://node1:6379``); with ``cluster=auto``
 the transport sees ``cluster_enabled:1`` and switches to redis-py's ``RedisCluster``, which
@@ -188,11 +202,11 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
 REDIS_MAX_BULK_BYTES = 512 * 1024 * 1024
 #: Longest single blocking read; bounds how late a newly created stream is noticed.
 BLOCK_CAP = 1.0
-#: How often a receiver checks the type registry for new streams.
-DISCOVERY_INTERVAL = 0.25
 #: Poll interval while a receiver has no matching stream at all.
 NO_STREAM_POLL = 0.1
 _MAX_SEQ = 18446744073709551615
+#: A horizon below every entry: nothing buffered is complete (see ``_StreamReceiver``).
+_INCOMPLETE = -1
 #: Idle time given to an entry handed back with no delay: any member's XAUTOCLAIM takes it.
 _HANDED_BACK_IDLE_MS = 10**12
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
@@ -387,9 +401,12 @@ def _order(entry_id: bytes, fields: dict[bytes, bytes] | None) -> Order:
     entry's millisecond, then ``pt`` (the publisher's publish time in microseconds,
     strictly increasing per transport; 0 when absent or not a number, as in entries
     written by other clients), then the entry's sequence number."""
+    return _order_of(entry_id, (fields or {}).get(b"pt"))
+
+
+def _order_of(entry_id: bytes, stamp: bytes | None) -> Order:
     ms, _, seq = entry_id.partition(b"-")
-    stamp = (fields or {}).get(b"pt", b"")
-    return int(ms), int(stamp) if stamp.isdigit() else 0, int(seq or b"0")
+    return int(ms), int(stamp) if stamp and stamp.isdigit() else 0, int(seq or b"0")
 
 
 def _after(server_ms: int) -> str:
@@ -397,13 +414,21 @@ def _after(server_ms: int) -> str:
     return f"{server_ms - 1}-{_MAX_SEQ}" if server_ms > 0 else "0-0"
 
 
-@dataclass(slots=True, eq=False)
-class _Handle:
-    stream: str
-    entry_id: bytes
-    order: Order
-    #: When this member read it (monotonic): buffered entries age.
-    read_at: float = field(default_factory=time.monotonic)
+#: A delivered message's handle: ``(stream key, entry id, pt field or None, when this
+#: member read it (monotonic: buffered entries age))``. A plain tuple: one is made per
+#: message, on the hot path.
+_Handle = tuple[str, bytes, bytes | None, float]
+
+
+def _handle_order(message: InboundMessage) -> Order:
+    """The sort key (:func:`_order`) of a message of this transport."""
+    _stream, entry_id, stamp, _read_at = message.handle
+    return _order_of(entry_id, stamp)
+
+
+def _handle_ms(message: InboundMessage) -> int:
+    """The Redis millisecond of a message's entry id."""
+    return int(message.handle[1].partition(b"-")[0])
 
 
 def _message(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None,
@@ -415,7 +440,7 @@ def _message(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None,
         body=fields.get(b"body", b""),
         topic=topic.decode("utf-8", "replace") if topic else stream.rsplit(":", 1)[-1],
         delivery_count=count,
-        handle=_Handle(stream, entry_id, _order(entry_id, fields)),
+        handle=(stream, entry_id, fields.get(b"pt"), time.monotonic()),
     )
 
 
@@ -423,8 +448,124 @@ def _by_stream(messages: Iterable[InboundMessage]) -> dict[str, list[bytes]]:
     out: dict[str, list[bytes]] = {}
     for message in messages:
         handle: _Handle = message.handle
-        out.setdefault(handle.stream, []).append(handle.entry_id)
+        out.setdefault(handle[0], []).append(handle[1])
     return out
+
+
+def _pack(commands: Iterable[Sequence[Any]]) -> bytes:
+    """Commands in the Redis protocol (RESP), ready to send together; arguments are
+    ``bytes`` (or another bytes-like object), ``str`` (sent as UTF-8) or ``int``."""
+    out: list[bytes] = []
+    append = out.append
+    for args in commands:
+        append(b"*%d\r\n" % len(args))
+        for arg in args:
+            if type(arg) is not bytes:
+                if isinstance(arg, str):
+                    arg = arg.encode()
+                elif isinstance(arg, int):
+                    arg = b"%d" % arg
+                else:
+                    arg = bytes(arg)
+            append(b"$%d\r\n" % len(arg))
+            append(arg)
+            append(b"\r\n")
+    return b"".join(out)
+
+
+class _Line:
+    """A connection kept by one user for its commands: a receiver's reads, its settling,
+    the publisher's pipelines.
+
+    The hot paths skip redis-py's per-command machinery (argument encoding, a task and a
+    timeout per send, a timeout context and a response callback per reply, a pool
+    checkout per call): commands are packed here and sent together, and their raw
+    replies read back to back under one timeout per round trip, through redis-py's
+    public connection API (``send_packed_command``, ``read_response``) on connections of
+    a pool without a socket timeout of its own. A command the server refused comes back
+    as its ``ResponseError``. A round trip that fails or is cancelled half-way closes
+    its connection (replies may be left unread); a broken connection is replaced, and
+    the commands sent once more, unless ``retry`` is false. On a cluster the commands
+    go, as a redis-py pipeline, to the node owning the namespace (their replies then pass
+    through redis-py's response callbacks).
+    """
+
+    def __init__(self, transport: RedisTransport) -> None:
+        self._transport = transport
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+        self._dropping: set[asyncio.Task[None]] = set()
+
+    async def run(self, commands: Sequence[Sequence[Any]], wait: float = 0.0,
+                  retry: bool = True) -> list[Any]:
+        """Send ``commands`` together; their replies in order. ``wait``: how long a
+        blocking command may take beyond the socket timeout. ``retry``: on a broken
+        connection, send them once more on a new one (not for what must not repeat)."""
+        transport = self._transport
+        client: Any = transport.client
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(transport.config.types_key)
+            pipe = client.pipeline()
+            for args in commands:
+                # (redis-py parses an XCLAIM reply as entries unless told it is ids)
+                options = {"parse_justid": True} if args[0] == "XCLAIM" else {}
+                pipe.execute_command(*args, target_nodes=node, **options)
+            return list(await pipe.execute(raise_on_error=False))
+        data = _pack(commands)
+        timeout = transport.config.socket_timeout + wait
+        async with self._lock:
+            try:
+                return await self._send(data, len(commands), timeout)
+            except redis_errors.ConnectionError:
+                if not retry:
+                    raise
+            return await self._send(data, len(commands), timeout)
+
+    async def _send(self, data: bytes, replies: int, timeout: float) -> list[Any]:
+        conn = self._conn
+        if conn is None:
+            pool: Any = self._transport._line_client.connection_pool
+            try:
+                conn = await pool.get_connection()
+            except TypeError:  # redis-py < 5.3 wants a command name
+                conn = await pool.get_connection("PING")
+            self._conn = conn
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.send_packed_command(data, check_health=False)
+                out: list[Any] = []
+                for _ in range(replies):
+                    try:
+                        out.append(await conn.read_response())
+                    except redis_errors.ResponseError as exc:
+                        out.append(exc)
+            return out
+        except BaseException:
+            # Replies may be left unread: the connection goes back to the pool closed
+            # (redis-py reconnects it on its next use), in a task of its own, so that a
+            # cancelled caller does not have to wait for it.
+            self._conn = None
+            self._drop(conn)
+            raise
+
+    def _drop(self, conn: Any) -> None:
+        task = asyncio.ensure_future(self._give_back(conn, close=True))
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def _give_back(self, conn: Any, close: bool) -> None:
+        client: Any = self._transport._line_client
+        with contextlib.suppress(Exception):
+            if close:
+                await conn.disconnect()
+            await client.connection_pool.release(conn)
+
+    async def close(self) -> None:
+        """Give the connection back to the pool."""
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await self._give_back(conn, close=False)
 
 
 class RedisTransport(Transport):
@@ -438,6 +579,11 @@ class RedisTransport(Transport):
             self.client = self._cluster_client()
         else:
             self.client = aioredis.Redis(db=config.db, **config.client_options())
+        #: Where :class:`_Line` connections come from (single server): a pool without a
+        #: socket timeout, so that redis-py adds none per send and per reply (a line puts
+        #: one timeout around each round trip instead).
+        self._line_client = aioredis.Redis(
+            db=config.db, **{**config.client_options(), "socket_timeout": None})
         #: Whether the mode is settled and a cluster client has its slot map.
         self._ready = config.cluster is False
         self._ready_lock = asyncio.Lock()
@@ -455,6 +601,8 @@ class RedisTransport(Transport):
         self._queue: list[tuple[Sequence[OutboundMessage], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._sending = False
+        #: The connection publishing pipelines go through (one at a time).
+        self._line = _Line(self)
         self._closed = False
 
     @classmethod
@@ -575,10 +723,7 @@ class RedisTransport(Transport):
         self, batch: list[tuple[Sequence[OutboundMessage], asyncio.Future[None]]]
     ) -> None:
         config = self.config
-        if len(batch) == 1 and len(batch[0][0]) == 1 and batch[0][0][0].topic in self._known_types:
-            await self._send_one(batch[0][0][0], batch[0][1])
-            return
-        pipe = self.client.pipeline(transaction=False)
+        commands: list[list[Any]] = []
         owners: list[int] = []
         adding: dict[str, int] = {}
         for index, (messages, future) in enumerate(batch):
@@ -588,16 +733,15 @@ class RedisTransport(Transport):
                 topic = message.topic
                 if topic not in self._known_types and topic not in adding:
                     adding[topic] = len(owners)
-                    pipe.sadd(config.types_key, topic)
+                    commands.append(["SADD", config.types_key, topic])
                     owners.append(index)
-                pipe.xadd(config.stream_key(topic), _fields(message, self._stamp()),
-                          maxlen=config.maxlen, approximate=True)
+                commands.append(_xadd(config, message, self._stamp()))
                 owners.append(index)
         if not owners:
             return
         failed: dict[int, BaseException] = {}
         try:
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._line.run(commands)
         except asyncio.CancelledError:
             for _messages, future in batch:
                 if not future.done():
@@ -627,27 +771,6 @@ class RedisTransport(Transport):
                 )
                 error.__cause__ = cause
                 future.set_exception(error)
-
-    async def _send_one(self, message: OutboundMessage, future: asyncio.Future[None]) -> None:
-        """The common idle case: one event of a known type, one plain ``XADD``."""
-        config = self.config
-        try:
-            await self.client.xadd(config.stream_key(message.topic),
-                                   _fields(message, self._stamp()),
-                                   maxlen=config.maxlen, approximate=True)
-        except _CLIENT_ERRORS as exc:
-            if not isinstance(exc, redis_errors.ResponseError):
-                self._known_types.clear()
-            if not future.done():
-                error = PublishError(
-                    self.error("publishing 1 event", exc)
-                    + "; nothing is lost by publishing again (event ids are idempotency keys)"
-                )
-                error.__cause__ = exc
-                future.set_exception(error)
-            return
-        if not future.done():
-            future.set_result(None)
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -734,7 +857,9 @@ class RedisTransport(Transport):
         if flusher is not None:
             with contextlib.suppress(Exception):
                 await flusher
+        await self._line.close()
         await self.client.aclose()
+        await self._line_client.aclose()
 
 
 def _read_options(count: int, block: float | None) -> list[Any]:
@@ -745,22 +870,62 @@ def _read_options(count: int, block: float | None) -> list[Any]:
     return options
 
 
-def _fields(message: OutboundMessage, stamp: int) -> dict[Any, Any]:
-    """An event stream entry's flat fields (see the module doc); ``stamp`` is its ``pt``."""
-    fields: dict[Any, Any] = {"id": message.id, "type": message.topic}
+def _xadd(config: RedisBusConfig, message: OutboundMessage, stamp: int) -> list[Any]:
+    """The ``XADD`` of an event: its flat fields (see the module doc), ``stamp`` its ``pt``."""
+    topic = message.topic
+    args: list[Any] = ["XADD", config.stream_key(topic)]
+    if config.maxlen is not None:
+        args += ("MAXLEN", "~", config.maxlen)
+    args += ("*", "id", message.id, "type", topic)
     if message.key is not None:
-        fields["key"] = message.key
+        args += ("key", message.key)
     event = message.event
     if event is not None:
-        fields["source"] = event.source
-        fields["time"] = event.time.isoformat()
-    fields["pt"] = stamp
-    fields["body"] = message.body
-    return fields
+        args += ("source", event.source, "time", event.time.isoformat())
+    args += ("pt", stamp, "body", message.body)
+    return args
 
 
 class _StreamReceiver(Receiver):
-    """What group members and ephemeral subscribers share: stream discovery, buffering."""
+    """What group members and ephemeral subscribers share: stream discovery, the merge.
+
+    The merge of several streams, and when an entry may be handed out
+    -----------------------------------------------------------------
+
+    Invariant: an entry is handed out only when no stream this member reads can still
+    hold an unread entry that sorts (:func:`_order`) before it. Entries are buffered
+    (they are already pending for this member) and handed out in sort order while they
+    are *complete*:
+
+    * Every read reads every stream with one ``COUNT n`` (never only some of them: any
+      stream may have grown since the previous read).
+    * A stream that returned fewer than ``n`` entries held nothing more when it was read:
+      what it gets later is appended after every entry this member has read so far, and
+      sorts after them (a later append has a later or equal millisecond and, from the same
+      publisher, a higher ``pt``).
+    * A stream that returned ``n`` entries may still hold more from the millisecond of its
+      last one on (with any ``pt``: another publisher's clock), but none from an earlier
+      millisecond. So after a read, buffered entries of milliseconds below the smallest
+      such last millisecond are complete (``_horizon``); the rest wait for the next read.
+    * A stream created before a read but not yet known to this member is a stream too:
+      every read also counts the type registry (``SCARD``, sent right behind the read, so
+      it sees every type registered before the read ran: a publisher registers a type
+      before its first ``XADD``). When the count changed and a new stream matches, nothing
+      is complete until the next read, which includes it.
+
+    Each read narrows what is incomplete (full streams advance by ``n`` each time, and
+    their milliseconds only grow), so a waiting entry is handed out after finitely many
+    reads; nothing is ever handed out past the horizon to make progress. Redeliveries
+    (claimed or handed back) do not go through the merge: they are older than anything
+    buffered, and are handed out as they come.
+
+    One limit, below Redis 7.2 only: a blocked read is answered with the one stream that
+    woke it (7.2 reads all of them again). That stream's reply is its oldest news, since
+    every ``XADD`` wakes the reader before the next command runs, except when one command
+    appends to several streams (``MULTI``/``EXEC`` or a script): entries another client
+    writes to several streams in one transaction may then be merged out of order. This
+    transport's publishers never do that.
+    """
 
     def __init__(self, transport: RedisTransport, spec: ConsumerSpec) -> None:
         self._transport = transport
@@ -769,17 +934,32 @@ class _StreamReceiver(Receiver):
         self._spec = spec
         self._pattern: Pattern = spec.pattern
         self._streams: dict[str, Any] = {}  # stream key -> read position / marker
+        #: Size of the type registry when this member last read it (-1: re-read it).
         self._types_seen = -1
-        self._next_discovery = 0.0
         #: Entries read (so already pending for this member) but not handed out yet,
         #: sorted by :func:`_order`.
         self._buffer: list[InboundMessage] = []
-        #: Buffered entries up to this order are complete (see :meth:`_collect`).
-        self._horizon: Order | None = None
-        #: Streams that returned a full COUNT in the last read (they bound the horizon).
-        self._full: list[str] = []
+        #: Buffered entries of Redis milliseconds below this are complete; ``None``: all
+        #: of them (see the class docstring).
+        self._horizon: int | None = None
         self._closed = False
         self._block_cap = min(BLOCK_CAP, self._config.socket_timeout / 2)
+        #: The connection this member reads on, and the one it settles messages on.
+        self._reads = _Line(transport)
+        self._settles = _Line(transport)
+        #: Event type names, decoded once.
+        self._topics: dict[bytes, str] = {}
+
+    async def _read_streams(self, *args: Any, block: float | None) -> tuple[Any, int]:
+        """Run the read ``args``, and ``SCARD`` of the type registry sent right behind it
+        (the server runs it as soon as the read returns, so it counts every type
+        registered before the read ran), in one round trip."""
+        reply, count = await self._reads.run([args, ("SCARD", self._config.types_key)],
+                                             wait=block or 0.0)
+        for result in (reply, count):
+            if isinstance(result, BaseException):
+                raise result
+        return reply, int(count)
 
     async def start(self) -> None:
         """Create or join the consumer; every matching stream is known when this returns."""
@@ -788,21 +968,20 @@ class _StreamReceiver(Receiver):
     async def _matching_types(self) -> list[str]:
         members = await self._client.smembers(self._config.types_key)
         self._types_seen = len(members)
-        self._next_discovery = time.monotonic() + DISCOVERY_INTERVAL
         return sorted(t for t in (_text(m) for m in members) if self._pattern.matches(t))
 
-    async def _discover(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now < self._next_discovery:
-            return
-        self._next_discovery = now + DISCOVERY_INTERVAL
-        count = await self._client.scard(self._config.types_key)
+    async def _discover(self, count: int | None = None) -> bool:
+        """Join the matching streams created since the registry was last read; ``count``
+        is the registry's size if the caller just read it. True if a stream was added."""
+        if count is None:
+            count = await self._client.scard(self._config.types_key)
         if count == self._types_seen:
-            return
+            return False
         keys = [self._config.stream_key(t) for t in await self._matching_types()]
         new = [key for key in keys if key not in self._streams]
         if new:
             await self._add_streams(new)
+        return bool(new)
 
     async def _add_streams(self, keys: list[str]) -> None:
         raise NotImplementedError  # pragma: no cover - overridden
@@ -815,98 +994,132 @@ class _StreamReceiver(Receiver):
         """Seconds until :meth:`_due` may have something."""
         return BLOCK_CAP
 
-    async def _read(
-        self, limit: int, block: float | None, only: list[str] | None = None
-    ) -> tuple[list[InboundMessage], Order | None]:
-        """Read new entries (of ``only`` these streams, default all); see :meth:`_collect`."""
+    async def _fetch(self, count: int, block: float | None) -> tuple[Any, int] | None:
+        """One ``XREAD``/``XREADGROUP`` of every stream, and the size of the type registry
+        right after it; ``None`` if the read could not be made (it is made again)."""
         raise NotImplementedError  # pragma: no cover - overridden
 
     async def _refresh(self, messages: list[InboundMessage]) -> list[InboundMessage]:
         """Buffered messages about to be handed out late: keep them ours (groups)."""
         return messages
 
-    def _collect(self, result: Any, count: int, delivery: int,
-                 seen: Any = None) -> tuple[list[InboundMessage], Order | None]:
-        """Messages of an XREAD(GROUP) reply, and the horizon up to which they are complete.
+    async def _read(self, count: int, block: float | None) -> int:
+        """Read every stream once (``COUNT count``), buffer what came in sort order, and
+        set the horizon (see the class docstring). Returns how many entries came."""
+        fetched = await self._fetch(count, block)
+        if fetched is None:
+            self._horizon = _INCOMPLETE
+            return 0
+        reply, types = fetched
+        new, horizon = self._collect(reply, count)
+        if types != self._types_seen and await self._discover(types):
+            horizon = _INCOMPLETE  # a new stream may hold older entries: read it first
+        elif len(self._streams) == 1:
+            horizon = None  # a lone stream: what it still holds comes after what it gave
+        if new:
+            buffer = self._buffer
+            buffer += new
+            if len(self._streams) > 1:  # (one stream's entries come in its own order)
+                buffer.sort(key=_handle_order)
+        self._horizon = horizon
+        return len(new)
 
-        Redis applies COUNT per stream: a stream that returned ``count`` entries may hold
-        more, older than what other streams returned. Entries beyond the earliest such
-        last entry (the horizon) wait in the buffer until the next read has caught up.
-        """
+    def _collect(self, reply: Any, count: int) -> tuple[list[InboundMessage], int | None]:
+        """Messages of an ``XREAD(GROUP)`` reply of every stream, and the horizon: the
+        smallest millisecond of the last entry of a stream that returned ``count``."""
         out: list[InboundMessage] = []
-        horizon: Order | None = None
-        replies = list(result or ())
-        self._full = []
-        for stream, entries in replies:
+        append = out.append
+        horizon: int | None = None
+        topics = self._topics
+        now = time.monotonic()
+        if isinstance(reply, dict):  # RESP3: a map of stream -> entries
+            reply = reply.items()
+        for stream, entries in reply or ():
             key = _text(stream)
             for entry_id, fields in entries:
-                if seen is not None:
-                    seen(key, entry_id)
-                message = _message(key, entry_id, fields, delivery)
-                if message is not None:
-                    out.append(message)
-            if len(entries) >= count and entries and len(self._streams) > 1:
-                self._full.append(key)
-                last = _order(entries[-1][0], entries[-1][1])
-                horizon = last if horizon is None else min(horizon, last)
+                if fields is None:  # deleted while pending
+                    continue
+                if (type(fields) is list and len(fields) >= 8 and fields[2] == b"type"
+                        and fields[-4] == b"pt" and fields[-2] == b"body"):
+                    # A raw reply of this transport's own layout: id, type, ..., pt, body
+                    name, stamp, body = fields[3], fields[-3], fields[-1]
+                else:
+                    if type(fields) is list:  # [name, value, name, value, ...]
+                        pairs = iter(fields)
+                        fields = dict(zip(pairs, pairs, strict=False))
+                    name, stamp = fields.get(b"type"), fields.get(b"pt")
+                    body = fields.get(b"body", b"")
+                topic = topics.get(name) if name else None
+                if topic is None:
+                    topic = name.decode("utf-8", "replace") if name else key.rsplit(":", 1)[-1]
+                    if name:
+                        topics[name] = topic
+                append(InboundMessage(body, topic, 1, None, (key, entry_id, stamp, now)))
+            if entries:
+                last = entries[-1][0]
+                self._remember(key, last)
+                if len(entries) >= count:
+                    ms = int(last.partition(b"-")[0])
+                    horizon = ms if horizon is None else min(horizon, ms)
         return out, horizon
 
-    async def _release(self, new: list[InboundMessage], limit: int,
-                       horizon: Order | None) -> list[InboundMessage]:
-        """Merge ``new`` into the buffer; hand out, in order, what is safe (<= horizon)."""
-        old = self._buffer
-        self._horizon = horizon
-        if not old and len(new) <= limit and horizon is None:
-            return sorted(new, key=lambda m: m.handle.order) if len(new) > 1 else new
-        pool = sorted([*old, *new], key=lambda m: m.handle.order)
-        ready = len(pool) if horizon is None else sum(
-            1 for m in pool if m.handle.order <= horizon)
-        take = min(limit, max(ready, 1))
-        out, self._buffer = pool[:take], pool[take:]
+    def _remember(self, stream: str, last: bytes) -> None:
+        """The last entry id ``stream`` returned (receivers that track positions)."""
+
+    async def _hand_out(self, limit: int) -> list[InboundMessage]:
+        """Up to ``limit`` buffered entries, in order, that are complete."""
+        buffer, horizon = self._buffer, self._horizon
+        take = min(limit, len(buffer))
+        if horizon is not None:
+            for index in range(take):
+                if _handle_ms(buffer[index]) >= horizon:
+                    take = index
+                    break
+        if not take:
+            return []
+        out = buffer[:take]
+        del buffer[:take]
         cutoff = time.monotonic() - self._spec.ack_timeout / 4
-        stale = [m for m in out if m.handle.read_at < cutoff]
+        stale = [m for m in out if m.handle[3] < cutoff]
         if stale:
             keep = {id(m) for m in await self._refresh(stale)}
-            out = [m for m in out if m.handle.read_at >= cutoff or id(m) in keep]
+            out = [m for m in out if m.handle[3] >= cutoff or id(m) in keep]
         return out
 
     async def receive(self, max_messages: int, timeout: float) -> Sequence[InboundMessage]:
         if self._closed:
             return []
         limit = max(1, max_messages)
-        try:
-            if self._buffer:
-                horizon = self._horizon
-                if horizon is None or self._buffer[0].handle.order <= horizon:
-                    out = await self._release([], limit, horizon)  # complete: hand out
-                else:  # read on (without waiting) and merge before handing out
-                    got, horizon = await self._read(limit, None, self._full or None)
-                    out = await self._release(got, limit, horizon)
-                if out:
-                    return out
-        except _CLIENT_ERRORS as exc:
-            raise BackendConnectionError(
-                self._transport.error(f"receiving {self._pattern.text!r}", exc)
-            ) from exc
         deadline = time.monotonic() + timeout
+        if not self._buffer:
+            # About to go to the server: first let what the previous batch woke (the
+            # handlers) run, rather than make them wait for this round trip to be sent.
+            await asyncio.sleep(0)
         try:
             while not self._closed:
-                await self._discover()
-                due = await self._due(limit)
-                if due:
-                    return await self._release(due, limit, None)
+                if self._buffer:
+                    out = await self._hand_out(limit)
+                    if out:
+                        return out
                 remaining = deadline - time.monotonic()
                 if not self._streams:
+                    await self._discover()
+                    if self._streams:
+                        continue
                     if remaining <= 0:
                         return []
                     await asyncio.sleep(min(remaining, NO_STREAM_POLL))
-                    self._next_discovery = 0.0
                     continue
-                wait = min(remaining, self._block_cap, self._claim_wait())
-                got, horizon = await self._read(limit, wait if wait > 0.001 else None)
-                if got:
-                    return await self._release(got, limit, horizon)
-                if remaining <= 0:
+                due = await self._due(limit)
+                if due:
+                    return due
+                if self._buffer:  # entries wait for the streams to be read on: no waiting
+                    block = None
+                else:
+                    wait = min(remaining, self._block_cap, self._claim_wait())
+                    block = wait if wait > 0.001 else None
+                got = await self._read(limit, block)
+                if not got and not self._buffer and remaining <= 0:
                     return []
         except _CLIENT_ERRORS as exc:
             raise BackendConnectionError(
@@ -973,13 +1186,12 @@ class RedisReceiver(_StreamReceiver):
             pipe.xautoclaim(key, self.group, self._consumer, self._ack_ms, "0-0", count=limit)
         results = await pipe.execute(raise_on_error=False)
         claimed: list[tuple[str, bytes, dict[bytes, bytes]]] = []
-        mine = {(m.handle.stream, m.handle.entry_id) for m in self._buffer}
+        mine = {m.handle[:2] for m in self._buffer}
         for key, result in zip(keys, results, strict=True):
             if isinstance(result, BaseException):
                 if "NOGROUP" in str(result):  # the stream or group was deleted: re-create
                     await self._create_groups([key], self._late_start)
                     self._types_seen = -1  # and re-read the registry (server restarted?)
-                    self._next_discovery = 0.0
                     continue
                 raise result
             for entry in result[1]:
@@ -999,28 +1211,24 @@ class RedisReceiver(_StreamReceiver):
             message = _message(key, entry_id, fields, count)
             if message is not None:
                 out.append(message)
-        out.sort(key=lambda m: m.handle.order)
+        out.sort(key=_handle_order)
         return out
 
-    async def _read(
-        self, limit: int, block: float | None, only: list[str] | None = None
-    ) -> tuple[list[InboundMessage], Order | None]:
-        keys = list(only or self._streams)
+    async def _fetch(self, count: int, block: float | None) -> tuple[Any, int] | None:
+        keys = list(self._streams)
         try:
-            result = await self._transport.namespace_command(
-                "XREADGROUP", "GROUP", self.group, self._consumer, *_read_options(limit, block),
-                "STREAMS", *keys, *([">"] * len(keys)),
+            return await self._read_streams(
+                "XREADGROUP", "GROUP", self.group, self._consumer, *_read_options(count, block),
+                "STREAMS", *keys, *([">"] * len(keys)), block=block,
             )
         except redis_errors.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             # A stream or the group was deleted (or the server restarted empty): create
             # them again where the group starts, and re-read the type registry.
-            await self._create_groups(list(self._streams), self._late_start)
+            await self._create_groups(keys, self._late_start)
             self._types_seen = -1
-            self._next_discovery = 0.0
-            return [], None
-        return self._collect(result, limit, 1)
+            return None
 
     async def _refresh(self, messages: list[InboundMessage]) -> list[InboundMessage]:
         # Reset the idle clock of entries read a while ago, unless another member claimed
@@ -1028,7 +1236,8 @@ class RedisReceiver(_StreamReceiver):
         now = time.monotonic()
         ages: dict[str, float] = {}
         for m in messages:
-            ages[m.handle.stream] = min(ages.get(m.handle.stream, 1e18), now - m.handle.read_at)
+            stream, read_at = m.handle[0], m.handle[3]
+            ages[stream] = min(ages.get(stream, 1e18), now - read_at)
         pipe = self._client.pipeline(transaction=False)
         for key, ids in _by_stream(messages).items():
             idle_ms = max(0, int(ages[key] * 1000) - 50)
@@ -1038,7 +1247,7 @@ class RedisReceiver(_StreamReceiver):
         for result in results:
             if not isinstance(result, BaseException):
                 still.update(result)
-        return [m for m in messages if m.handle.entry_id in still]
+        return [m for m in messages if m.handle[1] in still]
 
     async def _settle(self, messages: Sequence[InboundMessage], idle: int | None) -> None:
         if not messages:
@@ -1049,14 +1258,18 @@ class RedisReceiver(_StreamReceiver):
         await asyncio.shield(asyncio.ensure_future(self._settle_now(messages, idle)))
 
     async def _settle_now(self, messages: Sequence[InboundMessage], idle: int | None) -> None:
-        pipe = self._client.pipeline(transaction=False)
+        commands: list[list[Any]] = []
         for key, ids in _by_stream(messages).items():
             if idle is None:
-                pipe.xack(key, self.group, *ids)
+                commands.append(["XACK", key, self.group, *ids])
             else:
-                pipe.xclaim(key, self.group, self._consumer, 0, ids, idle=idle, justid=True)
+                commands.append(["XCLAIM", key, self.group, self._consumer, 0, *ids,
+                                 "IDLE", idle, "JUSTID"])
         try:
-            await pipe.execute()
+            results = await self._settles.run(commands)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         except _CLIENT_ERRORS as exc:
             raise BackendConnectionError(
                 self._transport.error(f"settling {len(messages)} message(s)", exc)
@@ -1086,6 +1299,8 @@ class RedisReceiver(_StreamReceiver):
             await self._settle(buffered, _HANDED_BACK_IDLE_MS)
         with contextlib.suppress(*_CLIENT_ERRORS):
             await self._leave()
+        await self._reads.close()
+        await self._settles.close()
 
     async def _leave(self) -> None:
         """Delete this member's consumer from streams where it holds nothing pending.
@@ -1145,15 +1360,15 @@ class RedisEphemeralReceiver(_StreamReceiver):
             self._handed_back.remove(item)
         return [message for _, message in ready]
 
-    async def _read(
-        self, limit: int, block: float | None, only: list[str] | None = None
-    ) -> tuple[list[InboundMessage], Order | None]:
-        keys = list(only or self._streams)
-        result = await self._transport.namespace_command(
-            "XREAD", *_read_options(limit, block), "STREAMS", *keys,
-            *(self._streams[key] for key in keys),
+    async def _fetch(self, count: int, block: float | None) -> tuple[Any, int] | None:
+        keys = list(self._streams)
+        return await self._read_streams(
+            "XREAD", *_read_options(count, block), "STREAMS", *keys,
+            *(self._streams[key] for key in keys), block=block,
         )
-        return self._collect(result, limit, 1, self._streams.__setitem__)
+
+    def _remember(self, stream: str, last: bytes) -> None:
+        self._streams[stream] = last
 
     async def ack(self, messages: Sequence[InboundMessage]) -> None:
         return None
@@ -1171,3 +1386,4 @@ class RedisEphemeralReceiver(_StreamReceiver):
         self._closed = True
         self._buffer.clear()
         self._handed_back.clear()
+        await self._reads.close()
