@@ -33,8 +33,8 @@ Guarantees and their limits:
   those copies arrive after events that followed them, but they are duplicates; the
   *first* copy of every event arrives in order (given a bus that applies a batch in order,
   as every built-in one does; on Redis a key's events of different types live in
-  different Redis streams, which a member merges by publish stamp, best effort under
-  load: see ``docs/architecture.md``).
+  different Redis streams, which a member merges by publish stamp: see
+  ``docs/architecture.md``).
 * **One active relay.** Run as many relay processes as you like with the same ``name``:
   the lease (``lease_ttl``, renewed every ``lease_ttl / 3``, also while a slow bus is
   publishing a batch and while a failed one waits to be retried) lets one publish; the
