@@ -21,7 +21,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from services import SQL_SERVERS, sql_server
-from sqlalchemy import Index, MetaData, String, Table, inspect
+from sqlalchemy import Index, MetaData, String, Table, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from typer.testing import CliRunner
@@ -184,6 +184,27 @@ async def test_upgrade_is_idempotent_and_keeps_the_data(db: Database) -> None:
         await other.create_schema()
         assert await other.schema_revision() == HEAD
         assert await other.stream_version("s") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("in_use", [True, False])
+async def test_upgrading_to_0004_keeps_an_outbox_in_use_on(db: Database, in_use: bool) -> None:
+    """Before 0004 each writer's URL decided: tables whose outbox holds rows (or a relay
+    lease) were relayed, so the upgrade turns their outbox on; others stay off."""
+    async with opened(db, outbox=True) as store:
+        await store.create_schema()
+        await store.append("s", [Event(type="thing.happened")])  # an outbox row
+    prefix = db.prefix
+
+    def back_to_0003(conn: Connection) -> None:
+        command.downgrade(migrations.alembic_config(conn, prefix), "0003")
+        if not in_use:
+            conn.execute(text(f"DELETE FROM {prefix}outbox"))
+
+    await db.run(back_to_0003)
+    async with opened(db) as store:
+        await store.create_schema()
+        assert await store.outbox_in_tables() is in_use
 
 
 @pytest.mark.asyncio

@@ -8,12 +8,13 @@ append to the tables records its events for the relay. Before, each writer decid
 own URL, and one opened without ``?outbox=true`` bypassed the outbox: its events were never
 published.
 
-This revision adds the table only; it enables nothing. Tables whose writers used
-``?outbox=true`` need ``agentevents schema enable-outbox`` once after upgrading.
+Tables whose outbox was in use (an outbox row still to publish, or a relay lease taken)
+get the ``outbox`` row at once, so their writers and relays keep working after the upgrade;
+other tables need ``agentevents schema enable-outbox`` to turn it on.
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-12-02
+Create Date: 2026-11-25
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def upgrade() -> None:
         sa.Column("value", sa.String(255), nullable=False),
         **_MYSQL_OPTIONS,
     )
+    prefix = table_prefix()
+    bind = op.get_bind()
+    in_use = any(
+        bind.execute(sa.select(sa.literal(1)).select_from(sa.table(name)).limit(1)).first()
+        for name in (f"{prefix}outbox", f"{prefix}relay_lease")
+    )
+    if in_use:
+        settings = sa.table(f"{prefix}settings", sa.column("name"), sa.column("value"))
+        op.execute(settings.insert().values(name="outbox", value="on"))
 
 
 def downgrade() -> None:
