@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats.errors as nats_errors
 import orjson
 import pytest
 import pytest_asyncio
@@ -32,8 +33,11 @@ from services import NATS_URL, probe_nats, require
 
 from agentevents.backends.nats.transport import (
     HEADER_RESERVE,
+    PUBLISH_CHUNK,
     NatsConfig,
+    NatsReceiver,
     NatsTransport,
+    _ApiError,
     _Client,
     consumer_name,
 )
@@ -408,6 +412,166 @@ class TestHotPaths:
             await receiver.close()
 
 
+    async def test_close_runs_every_step_when_the_acks_fail(
+        self, buses: list[Bus], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        nc = await transport._connect()
+        durable = await transport.open_receiver(
+            ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3))
+        ephemeral = await transport.open_receiver(
+            ConsumerSpec(compile_pattern(f"{u}.>"), None, "latest", 30.0, "m", 4, 3))
+        assert isinstance(durable, NatsReceiver)
+        assert isinstance(ephemeral, NatsReceiver)
+        assert await durable.receive(4, 0.2) == []  # pull requests are open
+        await bus.publish_many([Event(type=f"{u}.job", payload={"n": n}) for n in range(4)])
+        [first] = await durable.receive(1, 5.0)
+        await _until(lambda: len(durable._buffer) == 3, what="the prefetched messages")
+        await durable.ack([first])
+        durable._acks.append(first.handle)  # one more ack still gathering at close
+        real = nc.publish_each
+
+        async def failing(subjects: Any, payload: bytes) -> None:
+            if payload == b"+ACK":
+                raise nats_errors.OutboundBufferLimitError
+            await real(subjects, payload)
+
+        nc.publish_each = failing  # type: ignore[method-assign]
+        try:
+            with caplog.at_level("WARNING", logger="agentevents.nats"):
+                await durable.close()
+                ephemeral._acks.append(b"$JS.ACK.x")
+                await ephemeral.close()
+        finally:
+            nc.publish_each = real  # type: ignore[method-assign]
+        assert any("writing the last acks failed" in r.getMessage() for r in caplog.records)
+        # The prefetched messages were handed back (NAK): another member has them now,
+        # long before the 30 s ack_wait.
+        other = await transport.open_receiver(
+            ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3))
+        try:
+            got: list[InboundMessage] = []
+            deadline = time.monotonic() + 5
+            while len(got) < 3 and time.monotonic() < deadline:
+                got.extend(await other.receive(4, 0.5))
+            assert len(got) == 3
+            await other.ack(got)
+        finally:
+            await other.close()
+        with pytest.raises(_ApiError) as gone:
+            await _api(bus, f"CONSUMER.INFO.{STREAM}.{ephemeral.consumer}")
+        assert gone.value.code == 404
+
+    async def test_large_windows_are_written_in_chunks(self, buses: list[Bus]) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        nc = await transport._connect()
+        writes: list[int] = []
+        real = nc._write
+
+        async def recording(command: bytes, messages: int, size: int) -> bool:
+            writes.append(len(command))
+            return await real(command, messages, size)
+
+        nc._write = recording  # type: ignore[method-assign]
+        try:
+            body = b'"' + b"x" * 600_000 + b'"'
+            await transport.send([OutboundMessage(str(uuid.uuid4()), f"{u}.big", None, body)
+                                  for _ in range(20)])  # 12 MB in one window
+        finally:
+            nc._write = real  # type: ignore[method-assign]
+        assert len(writes) >= 3, writes
+        assert max(writes) < PUBLISH_CHUNK + 700_000, writes
+        info = await _api(bus, f"STREAM.INFO.{STREAM}", {"subjects_filter": f"{PREFIX}.{u}.>"})
+        assert info["state"]["subjects"] == {f"{PREFIX}.{u}.big": 20}
+
+    async def test_a_consumer_max_batch_splits_pulls_and_its_ack_wait_is_kept(
+        self, buses: list[Bus], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        name = consumer_name(f"{u}-g", f"{u}.>")
+        # Created by someone else: a max_batch and an ack_wait shorter than ours.
+        await _api(bus, f"CONSUMER.DURABLE.CREATE.{STREAM}.{name}", {
+            "stream_name": STREAM, "config": {
+                "durable_name": name, "ack_policy": "explicit", "ack_wait": 1_000_000_000,
+                "filter_subject": f"{PREFIX}.{u}.>", "deliver_policy": "all",
+                "max_batch": 2, "max_deliver": -1}})
+        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3)
+        first = await transport.open_receiver(spec)
+        second = await transport.open_receiver(spec)
+        assert isinstance(first, NatsReceiver)
+        assert isinstance(second, NatsReceiver)
+        try:
+            assert first._max_batch == 2
+            assert first._keep_alive_after == pytest.approx(1 / 3)
+            await bus.publish_many([Event(type=f"{u}.job", payload={"n": n}) for n in range(6)])
+            with caplog.at_level("WARNING", logger="agentevents.nats"):
+                [held] = await first.receive(1, 5.0)
+                await _until(lambda: len(first._buffer) == 5, what="the prefetched messages")
+            assert not any("refused" in r.getMessage() for r in caplog.records)
+
+            async def keep_extending() -> None:
+                while True:
+                    await first.extend([held])
+                    await asyncio.sleep(0.2)
+
+            extending = asyncio.ensure_future(keep_extending())
+            try:  # past the consumer's 1 s ack_wait: the buffered messages stay with first
+                assert await second.receive(4, 2.5) == []
+            finally:
+                extending.cancel()
+                await asyncio.gather(extending, return_exceptions=True)
+            await first.ack([held, *first._take(5)])
+        finally:
+            await first.close()
+            await second.close()
+
+    async def test_a_pull_over_the_consumer_limit_is_warned_once_and_split(
+        self, buses: list[Bus], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        bus = _bus(buses)
+        u = _unique()
+        transport = bus.transport
+        assert isinstance(transport, NatsTransport)
+        name = consumer_name(f"{u}-g", f"{u}.>")
+        await _api(bus, f"CONSUMER.DURABLE.CREATE.{STREAM}.{name}", {
+            "stream_name": STREAM, "config": {
+                "durable_name": name, "ack_policy": "explicit", "ack_wait": 30_000_000_000,
+                "filter_subject": f"{PREFIX}.{u}.>", "deliver_policy": "all",
+                "max_batch": 3, "max_deliver": -1}})
+        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3)
+        receiver = await transport.open_receiver(spec)
+        assert isinstance(receiver, NatsReceiver)
+        receiver._max_batch = 0  # as if the limit came after we joined
+        try:
+            await bus.publish_many([Event(type=f"{u}.job", payload={"n": n}) for n in range(8)])
+            got: list[InboundMessage] = []
+            with caplog.at_level("WARNING", logger="agentevents.nats"):
+                deadline = time.monotonic() + 5
+                while len(got) < 8 and time.monotonic() < deadline:
+                    got.extend(await receiver.receive(4, 0.5))
+                    await receiver.ack(got[-4:])
+            assert len(got) == 8
+            assert receiver._max_batch == 3
+            refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+            assert len(refused) == 1, refused
+            assert "MaxRequestBatch of 3" in refused[0]
+            assert "max_batch" in refused[0]
+            # A limit that splitting cannot meet: warned once, pulls pause instead of spinning.
+            receiver._on_status(f"{receiver._inbox}.0", "409", "Exceeded MaxWaiting")
+            assert receiver._paused_until > time.monotonic() + 0.5
+        finally:
+            await receiver.close()
+
+
 @pytest.mark.asyncio
 class TestDeadLetterStream:
     async def test_dead_letters_live_in_their_own_stream(self, buses: list[Bus]) -> None:
@@ -598,6 +762,43 @@ class TestRestart:
             assert late == [str(last.id)]
         finally:
             await again.close(timeout=2)
+
+    async def test_no_pull_requests_pile_up_while_disconnected(
+        self, private_server: _Server
+    ) -> None:
+        url = f"{private_server.url}?stream=OUTAGE&prefix=out&publish_timeout=1"
+        transport = NatsTransport.from_url(url)
+        publisher = create_bus(url)
+        spec = ConsumerSpec(compile_pattern("job.>"), "workers", "latest", 30.0, "m", 2, 3)
+        try:
+            receiver = await transport.open_receiver(spec)
+            assert isinstance(receiver, NatsReceiver)
+            nc = await transport._connect()
+            assert await receiver.receive(2, 0.3) == []
+            private_server.kill()
+            await _until(lambda: not nc.is_connected, what="the disconnect")
+            serial = receiver._serial
+            deadline = time.monotonic() + 3.0  # an outage of 3 s, receive called throughout
+            while time.monotonic() < deadline:
+                assert await receiver.receive(2, 0.4) == []
+            assert receiver._serial == serial, "pull requests were sent while disconnected"
+            assert nc.pending_data_size < 200, "pull requests were buffered by nats-py"
+
+            private_server.start()
+            reconnected = asyncio.ensure_future(receiver.receive(2, 20.0))
+            await _until(lambda: nc.is_connected, what="the reconnect")
+            await publisher.publish_many([Event(type="job.x", payload={"n": n})
+                                          for n in range(100)])
+            assert len(await reconnected) == 2
+            await asyncio.sleep(1.0)  # whatever the server sends this member arrives
+            # The core's room (2) and the prefetch (2 x 2), and a renewal's worth more.
+            assert 2 + len(receiver._buffer) <= 10, len(receiver._buffer)
+            name = consumer_name("workers", "job.>")
+            info = await transport._api(nc, f"CONSUMER.INFO.OUTAGE.{name}", None)
+            assert info["num_ack_pending"] <= 10, info["num_ack_pending"]
+        finally:
+            await transport.close()
+            await publisher.close(timeout=2)
 
 
 # -- a consumer process killed in the middle --------------------------------------------------

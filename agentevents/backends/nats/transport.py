@@ -39,14 +39,16 @@ Mapping (see ``docs/architecture.md``):
 
 * publish: a request on ``<prefix>.<type>`` with header ``Nats-Msg-Id: <event id>``,
   awaiting the PubAck; ``publish_many`` keeps up to 1,000 publishes in flight, written to
-  the connection as one batch.
+  the connection in writes of about 4 MiB.
 * group ``G`` on pattern ``P``: one durable pull consumer named from ``(G, P)`` (durable
   names allow no dots: a sanitised prefix plus a short hash), ``filter_subject``
   ``<prefix>.<P>`` (``*`` and ``>`` are NATS wildcards already), ``ack_wait`` = the
   subscription's ``ack_timeout``, ``max_deliver`` unlimited (the core dead-letters after
   ``max_attempts``), deliver policy ``all`` or ``new`` from ``start`` for a *new* group; an
   existing consumer is joined as it is (its ``ack_wait`` stays the one of the member that
-  created it; a new pattern makes a new consumer, the old one stays until deleted).
+  created it, and messages buffered by a member are kept alive within the shorter of the
+  two; its ``max_batch``, if any, splits the pull requests; a new pattern makes a new
+  consumer, the old one stays until deleted).
   Members share the consumer (load balancing).
 * ephemeral subscriber: an unnamed pull consumer with deliver policy ``new``, deleted on
   close (and by the server after 5 minutes without pulls, should the process die).
@@ -65,7 +67,11 @@ Mapping (see ``docs/architecture.md``):
   messages are handed back at stop, the member's open pull requests are let expire (a
   nats-server 2.9 defect otherwise loses the hand-back until ``ack_wait``; see
   :meth:`NatsReceiver._end_requests`). The pull loop survives reconnects (nats-py
-  resubscribes; pull requests lost with the server are forgotten and sent again).
+  resubscribes; no pull request is sent while disconnected, those sent before the
+  disconnect are forgotten on reconnect and sent again). A pull refused over a limit of the
+  consumer (``409 Exceeded ...``) is logged once; pulls then pause 1 s (or are split, for
+  ``MaxRequestBatch``). Each step of a receiver's close (acks, end of the pulls, NAK of the
+  buffered messages, deletion of an ephemeral consumer) runs even if an earlier one fails.
 * dead letters: stream ``<stream>_DLQ`` on subjects ``<prefix>_dlq.<group token>`` (outside
   ``<prefix>.>``, so no subscription ever sees them); each message is the
   :class:`~agentevents.core.deadletter.DeadLetter` JSON with header ``Agentevents-Group``.
@@ -123,7 +129,7 @@ from agentevents.core.transport import (
 from agentevents.core.urls import redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Coroutine, Sequence
 
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
@@ -161,6 +167,15 @@ PREFETCH = 2
 ACK_INTERVAL = 0.004
 #: Least time between two pull requests of one ``receive`` call whose first one ended empty.
 PULL_PAUSE = 0.05
+#: The same after the consumer refused a request over one of its limits (``409 Exceeded``).
+PULL_REFUSED_PAUSE = 1.0
+#: How often ``receive`` looks at the connection again while it is down (a reconnect wakes
+#: it at once): no pull request is sent, nor buffered by nats-py, while disconnected.
+OFFLINE_POLL = 0.1
+#: Most pull requests sent at once when the consumer's ``max_batch`` splits a pull.
+MAX_SPLIT = 8
+#: Largest single write ``publish_many`` puts in nats-py's outgoing buffer.
+PUBLISH_CHUNK = 4 * 1024 * 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -420,23 +435,32 @@ class _Client(_NatsClient):
         """Publish each ``(subject, reply, body, msg_id)`` with header ``Nats-Msg-Id``."""
         if not items:
             return
+        for subject, reply, _body, _msg_id in items:  # all checked before any is written
+            if not subject or _BLANK.search(subject) or _BLANK.search(reply):
+                raise nats.errors.BadSubjectError
+        done = 0  # items written
         if self._batched:
+            # Written in chunks of about PUBLISH_CHUNK bytes: a window of large events is
+            # never copied into one huge bytes object.
             parts: list[bytes] = []
-            size = 0
-            for subject, reply, body, msg_id in items:
-                if not subject or _BLANK.search(subject) or _BLANK.search(reply):
-                    raise nats.errors.BadSubjectError
+            length = size = 0
+            for index, (subject, reply, body, msg_id) in enumerate(items):
                 header = (f"NATS/1.0\r\nNats-Msg-Id: {msg_id.strip().translate(_NO_NEWLINES)}"
                           "\r\n\r\n").encode()
-                parts.append(f"HPUB {subject} {reply} {len(header)} "
-                             f"{len(header) + len(body)}\r\n".encode())
-                parts.append(header)
-                parts.append(body)
-                parts.append(b"\r\n")
+                line = (f"HPUB {subject} {reply} {len(header)} "
+                        f"{len(header) + len(body)}\r\n").encode()
+                parts += (line, header, body, b"\r\n")
+                length += len(line) + len(header) + len(body) + 2
                 size += len(body)
-            if await self._write(b"".join(parts), len(items), size):
+                if length >= PUBLISH_CHUNK or index == len(items) - 1:
+                    if not await self._write(b"".join(parts), index + 1 - done, size):
+                        break
+                    done = index + 1
+                    parts.clear()
+                    length = size = 0
+            if done == len(items):
                 return
-        for subject, reply, body, msg_id in items:
+        for subject, reply, body, msg_id in items[done:]:
             await self.publish(subject, body, reply=reply, headers={"Nats-Msg-Id": msg_id})
 
     async def _write(self, command: bytes, messages: int, size: int) -> bool:
@@ -480,7 +504,8 @@ class NatsReceiver(Receiver):
     """One member of one JetStream pull consumer; pulls on its own inbox."""
 
     def __init__(self, transport: NatsTransport, nc: _Client, consumer: str,
-                 ephemeral: bool, ack_timeout: float, prefetch: int = 64) -> None:
+                 ephemeral: bool, ack_timeout: float, prefetch: int = 64,
+                 ack_wait: float | None = None, max_batch: int = 0) -> None:
         self._transport = transport
         self._nc = nc
         self._config = transport.config
@@ -494,10 +519,22 @@ class NatsReceiver(Receiver):
         #: set when the buffer fills from empty, so the later arrivals are kept alive early
         #: rather than late.
         self._buffered_since = 0.0
+        #: Buffered messages are kept alive within the consumer's real ``ack_wait`` (that of
+        #: the member that created it, when it is shorter than ours).
+        if ack_wait is not None and 0 < ack_wait < ack_timeout:
+            ack_timeout = ack_wait
         self._keep_alive_after = ack_timeout / 3
         #: Outstanding pull requests: reply token -> [messages still due, expiry time].
         self._requests: dict[str, list[float]] = {}
         self._serial = 0
+        #: The serial of the last request sent before the connection was lost (see reset).
+        self._lost_upto: int | None = None
+        #: The consumer's ``max_batch`` (0: none): larger pulls are split.
+        self._max_batch = max(0, max_batch)
+        #: A request was refused over a consumer limit (409 "Exceeded ..."): warned once.
+        self._limit_warned = False
+        #: No pull before this time (a request was refused over a consumer limit).
+        self._paused_until = 0.0
         #: Messages pulled ahead of what the core has room for (see :meth:`_want`).
         self._prefetch = max(1, prefetch)
         #: Futures of the tasks waiting for a message or for the end of a request.
@@ -556,9 +593,22 @@ class NatsReceiver(Receiver):
             if isinstance(sid, int):
                 self._nc.set_direct(sid, None)
 
+    def disconnected(self) -> None:
+        """The connection was lost: the requests sent so far may be lost with it."""
+        if self._lost_upto is None:
+            self._lost_upto = self._serial
+        self._signal()
+
     def reset(self) -> None:
-        """Forget pull requests (the server lost them, e.g. on reconnect)."""
-        self._requests.clear()
+        """Forget the pull requests sent before the connection was lost (the server lost
+        them), on reconnect; those sent since (after nats-py reconnected, before it called
+        us) are real and stay counted."""
+        lost, self._lost_upto = self._lost_upto, None
+        if lost is None:
+            self._requests.clear()
+        else:
+            for token in [t for t in self._requests if int(t) <= lost]:
+                del self._requests[token]
         self._signal()
 
     def _signal(self) -> None:
@@ -628,6 +678,8 @@ class NatsReceiver(Receiver):
             return
         # 404/408/409/503: the request is over
         self._requests.pop(subject.rsplit(".", 1)[-1], None)
+        if status == "409" and ("Exceeded" in description or "MaxBytes" in description):
+            self._on_limit(description)
         gone = status == "503" or (status == "409" and "Deleted" in description)
         if gone and not self._warned:
             self._warned = True
@@ -635,6 +687,24 @@ class NatsReceiver(Receiver):
                         "subscription receives nothing until it is re-created",
                         self._consumer, self._config.stream, status, description)
         self._signal()
+
+    def _on_limit(self, description: str) -> None:
+        """A pull request refused over a limit of the consumer (``409 Exceeded ...``)."""
+        match = re.search(r"MaxRequestBatch of (\d+)", description)
+        if match and int(match.group(1)) > 0:
+            # Split our pulls from now on: the next ones are accepted.
+            self._max_batch = int(match.group(1))
+            advice = (f"pulls are now split into batches of {self._max_batch}; raise or "
+                      "remove the consumer's max_batch (max_request_batch) for fewer requests")
+        else:
+            self._paused_until = time.monotonic() + PULL_REFUSED_PAUSE
+            advice = (f"pulling again every {PULL_REFUSED_PAUSE:g} s; raise the consumer's "
+                      "limit (max_waiting, max_expires or max_bytes, e.g. with 'nats "
+                      "consumer edit') or delete the consumer so that it is created again")
+        if not self._limit_warned:
+            self._limit_warned = True
+            log.warning("NATS consumer %s on stream %s refused a pull request (409 %s): %s",
+                        self._consumer, self._config.stream, description, advice)
 
     def _open(self) -> bool:
         """Whether a pull request of ours may still deliver (forgetting the lost ones)."""
@@ -676,18 +746,28 @@ class NatsReceiver(Receiver):
         return want if want >= max(1, target // 2) else 0
 
     async def _pull(self, count: int) -> bool:
-        """Send a pull request for ``count`` messages; False if the connection refused it."""
-        self._serial += 1
-        token = str(self._serial)
-        self._requests[token] = [float(count), time.monotonic() + PULL_EXPIRES]
-        request = b'{"batch":%d,"expires":%d}' % (count, _ns(PULL_EXPIRES))
-        try:
-            await self._nc.publish(self._next_subject, request, reply=f"{self._inbox}.{token}")
-        except nats.errors.Error as exc:  # closed, or reconnecting with a full buffer
-            self._requests.pop(token, None)
-            log.debug("pull request on %s: %r", self._consumer, exc)
-            return False
-        return True
+        """Send pull requests for ``count`` messages (several when the consumer has a
+        ``max_batch``); False if none went out (the connection is down or refused it)."""
+        batch = self._max_batch
+        sent = False
+        for _ in range(MAX_SPLIT):
+            if count <= 0 or not self._nc.is_connected:  # never buffer pulls in nats-py
+                break
+            size = min(count, batch) if batch > 0 else count
+            count -= size
+            self._serial += 1
+            token = str(self._serial)
+            self._requests[token] = [float(size), time.monotonic() + PULL_EXPIRES]
+            request = b'{"batch":%d,"expires":%d}' % (size, _ns(PULL_EXPIRES))
+            try:
+                await self._nc.publish(self._next_subject, request,
+                                       reply=f"{self._inbox}.{token}")
+            except nats.errors.Error as exc:  # closed, or reconnecting with a full buffer
+                self._requests.pop(token, None)
+                log.debug("pull request on %s: %r", self._consumer, exc)
+                break
+            sent = True
+        return sent
 
     def _take(self, max_messages: int) -> list[InboundMessage]:
         buffer = self._buffer
@@ -713,7 +793,12 @@ class NatsReceiver(Receiver):
         pulled_at: float | None = None
         while not self._closed:
             # Pull before taking: a cancellation while the request is sent loses nothing.
-            want = self._want(max_messages) if not self._nc.is_closed else 0
+            # Not while disconnected: nats-py would buffer the requests and send them all
+            # on reconnect (see reset).
+            offline = not self._nc.is_connected
+            want = self._want(max_messages) if not offline else 0
+            if want and self._paused_until > time.monotonic():
+                want = 0  # refused over a consumer limit: not again before the pause ends
             if want:
                 if pulled_at is not None and not self._buffer:
                     # Our last request ended without a message (e.g. the consumer is
@@ -729,7 +814,8 @@ class NatsReceiver(Receiver):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            await self._wait(min(remaining, self._next_renewal()))
+            await self._wait(min(remaining, OFFLINE_POLL if offline or self._nc.is_closed
+                                 else self._next_renewal()))
         return self._take(max_messages) if self._buffer else []
 
     async def _send(self, messages: Sequence[InboundMessage], payload: bytes) -> None:
@@ -800,20 +886,38 @@ class NatsReceiver(Receiver):
         self._signal()
         self._transport._receivers.discard(self)
         nc = self._nc
+        if self._ack_timer is not None:  # (even if the acks cannot be written below)
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        # Each step on its own: one failing (e.g. the acks while reconnecting) must not
+        # skip the others. Acks not written are redelivered after ack_wait, NAKs not
+        # written likewise; nothing is lost.
+        await self._close_step("writing the last acks", self.flush_acks())
+        # End our open pull requests; messages delivered but never returned go back at once.
+        await self._close_step("ending the pull requests", self._stop_pulling())
+        if self._buffer:
+            buffered = list(self._buffer)
+            self._buffer.clear()
+            await self._close_step(f"handing back {len(buffered)} prefetched message(s)",
+                                   self._send(buffered, b"-NAK"))
+        if self._ephemeral:
+            await self._close_step("deleting the ephemeral consumer", self._transport._api(
+                nc, f"CONSUMER.DELETE.{self._config.stream}.{self._consumer}", None))
+        if not nc.is_closed:
+            await self._close_step("flushing the connection", nc.flush(
+                timeout=max(int(self._config.publish_timeout), 1)))
+
+    async def _close_step(self, what: str, step: Coroutine[Any, Any, Any]) -> None:
+        if self._nc.is_closed:  # the transport closed first: nothing can be sent
+            step.close()
+            log.debug("closing receiver %s: %s skipped, the connection is closed",
+                      self._consumer, what)
+            return
         try:
-            await self.flush_acks()
-            # End our open pull requests; messages delivered but never returned go back
-            # at once.
-            await self._stop_pulling()
-            if self._buffer:
-                await self._send(list(self._buffer), b"-NAK")
-                self._buffer.clear()
-            if self._ephemeral:
-                await self._transport._api(
-                    nc, f"CONSUMER.DELETE.{self._config.stream}.{self._consumer}", None)
-            await nc.flush(timeout=max(int(self._config.publish_timeout), 1))
-        except Exception as exc:  # acks not flushed are redelivered; nothing is lost
-            log.debug("closing receiver %s: %r", self._consumer, exc)
+            await step
+        except Exception as exc:
+            log.warning("NATS consumer %s: %s failed while closing (%r); unacknowledged "
+                        "messages are redelivered after ack_wait", self._consumer, what, exc)
 
 
 class NatsTransport(Transport):
@@ -908,6 +1012,8 @@ class NatsTransport(Transport):
                 log.debug("NATS %s: %r", self._shown, exc)
 
             async def on_disconnected() -> None:
+                for receiver in list(self._receivers):
+                    receiver.disconnected()
                 if not self._closed:
                     log.warning("NATS %s: disconnected; reconnecting", self._shown)
 
@@ -1178,30 +1284,37 @@ class NatsTransport(Transport):
             if spec.group is None:
                 consumer["deliver_policy"] = "new"
                 consumer["inactive_threshold"] = _ns(EPHEMERAL_INACTIVE)
-                created = await self._api(nc, f"CONSUMER.CREATE.{stream}",
-                                          {"stream_name": stream, "config": consumer})
-                name = str(created["name"])
+                info = await self._api(nc, f"CONSUMER.CREATE.{stream}",
+                                       {"stream_name": stream, "config": consumer})
+                name = str(info["name"])
             else:
                 name = consumer_name(spec.group, spec.pattern.text)
                 try:
-                    await self._api(nc, f"CONSUMER.INFO.{stream}.{name}", None)
+                    info = await self._api(nc, f"CONSUMER.INFO.{stream}.{name}", None)
                 except _ApiError as exc:
                     if exc.code != 404:
                         raise
                     consumer["durable_name"] = name
                     consumer["deliver_policy"] = "all" if spec.start == "earliest" else "new"
                     try:
-                        await self._api(nc, f"CONSUMER.DURABLE.CREATE.{stream}.{name}",
-                                        {"stream_name": stream, "config": consumer})
+                        info = await self._api(nc, f"CONSUMER.DURABLE.CREATE.{stream}.{name}",
+                                               {"stream_name": stream, "config": consumer})
                     except _ApiError:  # another member created it meanwhile
-                        await self._api(nc, f"CONSUMER.INFO.{stream}.{name}", None)
+                        info = await self._api(nc, f"CONSUMER.INFO.{stream}.{name}", None)
         except (_ApiError, nats.errors.Error) as exc:
             raise SubscribeError(
                 f"NATS {self._shown}: cannot create consumer for {spec.pattern.text!r} "
                 f"(group {spec.group!r}) on stream {stream!r}: {exc}") from exc
+        # The consumer as it is (an existing one keeps the config of its creator).
+        found = info.get("config")
+        actual: dict[str, Any] = found if isinstance(found, dict) else {}
+        ack_wait = actual.get("ack_wait")
+        max_batch = actual.get("max_batch")
         receiver = NatsReceiver(self, nc, name, ephemeral=spec.group is None,
                                 ack_timeout=spec.ack_timeout,
-                                prefetch=PREFETCH * spec.max_in_flight)
+                                prefetch=PREFETCH * spec.max_in_flight,
+                                ack_wait=ack_wait / 1e9 if isinstance(ack_wait, int) else None,
+                                max_batch=max_batch if isinstance(max_batch, int) else 0)
         await receiver.start()
         self._receivers.add(receiver)
         return receiver
