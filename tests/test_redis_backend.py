@@ -33,6 +33,7 @@ from services import REDIS_URL, delete_prefix, probe_redis, require  # noqa: E40
 from agentevents.backends.redis.transport import (  # noqa: E402
     DEFAULT_MAX_PAYLOAD_BYTES,
     RedisBusConfig,
+    RedisReceiver,
     RedisTransport,
     _order,
     group_name,
@@ -690,4 +691,213 @@ async def test_an_entry_waits_for_a_stream_created_before_it_was_read(
         await receiver.close()
     finally:
         await publisher.close()
+        await consumer.close()
+
+
+# -- failures of a round trip: nothing is sent twice that must not be ----------------------
+
+
+def _lose_reply_of_first_group_read(receiver: Receiver, how: str) -> list[int]:
+    """Make ``receiver``'s first ``XREADGROUP ... >`` run on the server and then fail
+    (reply lost, timed out, or the caller cancelled) before its reply is read."""
+    line = receiver._reads  # type: ignore[attr-defined]
+    real_send = line._send
+    lost: list[int] = []
+
+    async def lossy(data: bytes, replies: int, timeout: float) -> list[object]:
+        if not lost and b"XREADGROUP" in data and b"\r\n>\r\n" in data:
+            lost.append(1)
+            await real_send(data, replies, timeout)  # the server ran it ...
+            if how == "cancelled":
+                await asyncio.Event().wait()  # ... and the caller is cancelled
+            if how == "timeout":
+                raise TimeoutError
+            raise redis.exceptions.ConnectionError("connection lost")  # ... reply lost
+        return await real_send(data, replies, timeout)
+
+    line._send = lossy
+    return lost
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["lost", "timeout", "cancelled"])
+async def test_a_group_read_whose_reply_was_lost_is_not_resent_blindly(
+    url: str, prefix: str, how: str
+) -> None:
+    """A group read the server ran gave its entries to this member even if the reply never
+    arrived. Sending ``>`` again would hand out the entries after them first (and leave
+    these pending until XAUTOCLAIM): the next read must get them back first."""
+    client = _sync_client()
+    try:
+        client.sadd(f"{prefix}:types", "lost.a", "lost.b")
+        for n in range(1, 5):
+            client.xadd(f"{prefix}:stream:lost.a", {"pt": 1, "body": f"a{n}"}, id=f"{n}000-0")
+            client.xadd(f"{prefix}:stream:lost.b", {"pt": 1, "body": f"b{n}"}, id=f"{n}000-1")
+    finally:
+        client.close()
+    consumer = RedisTransport.from_url(url)
+    try:
+        receiver = await consumer.open_receiver(_spec("lost.>", "lossy", "earliest"))
+        lost = _lose_reply_of_first_group_read(receiver, how)
+        if how == "cancelled":
+            task = asyncio.ensure_future(receiver.receive(2, 1.0))
+            while not lost:  # noqa: ASYNC110 - waits for the read to be sent
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with pytest.raises(Exception, match="receiving"):
+                await receiver.receive(2, 1.0)
+        assert lost
+        assert await _drain(receiver, 8) == ["a1", "b1", "a2", "b2", "a3", "b3", "a4", "b4"]
+        await receiver.close()
+    finally:
+        await consumer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_publish_pipeline_is_not_resent_after_the_server_may_have_run_it(
+    url: str, prefix: str
+) -> None:
+    transport = RedisTransport.from_url(url)
+    try:
+        await _send(transport, ("w", "pub.a", None))
+        line = transport._line
+        real_send = line._send
+
+        async def lossy(data: bytes, replies: int, timeout: float) -> list[object]:
+            await real_send(data, replies, timeout)
+            raise redis.exceptions.ConnectionError("connection lost")
+
+        line._send = lossy  # type: ignore[method-assign]
+        with pytest.raises(PublishError):
+            await _send(transport, ("once", "pub.a", None))
+        line._send = real_send  # type: ignore[method-assign]
+    finally:
+        await transport.close()
+    client = _sync_client()
+    try:
+        bodies = [f[b"body"] for _id, f in client.xrange(f"{prefix}:stream:pub.a")]
+    finally:
+        client.close()
+    assert bodies == [b"w", b"once"]  # ran once (the caller may publish it again)
+
+
+@pytest.mark.asyncio
+async def test_the_merge_buffer_stays_small_with_a_dense_and_a_steady_stream(
+    url: str, prefix: str
+) -> None:
+    """A dense backlog (many entries per millisecond range) and a steady stream of later
+    milliseconds: reading the steady stream on while the dense one is far behind only
+    piles its entries up in the buffer (and the pending list); it is not read until the
+    horizon reaches its last entry."""
+    client = _sync_client()
+    try:
+        client.sadd(f"{prefix}:types", "dense.d", "dense.s")
+        pipe = client.pipeline(transaction=False)
+        for n in range(300):
+            pipe.xadd(f"{prefix}:stream:dense.d", {"pt": 1, "body": f"d{n}"}, id=f"{1000 + n}-0")
+            pipe.xadd(f"{prefix}:stream:dense.s", {"pt": 1, "body": f"s{n}"}, id=f"{5000 + n}-0")
+        pipe.execute()
+    finally:
+        client.close()
+    consumer = RedisTransport.from_url(url)
+    try:
+        receiver = await consumer.open_receiver(_spec("dense.>", "bounded", "earliest"))
+        assert isinstance(receiver, RedisReceiver)
+        got: list[str] = []
+        largest = 0
+        deadline = time.monotonic() + 20
+        while len(got) < 600 and time.monotonic() < deadline:
+            batch = await receiver.receive(2, 0.2)
+            largest = max(largest, len(receiver._buffer))
+            got += [bytes(m.body or b"").decode() for m in batch]
+            await receiver.ack(batch)
+        assert got == [f"d{n}" for n in range(300)] + [f"s{n}" for n in range(300)]
+        assert largest <= 6, f"the buffer grew to {largest} entries"
+        await receiver.close()
+    finally:
+        await consumer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_round_trip_deadline_scales_with_its_size(url: str) -> None:
+    transport = RedisTransport.from_url(f"{url}&socket_timeout=1")
+    try:
+        line = transport._line
+        real_send = line._send
+        deadlines: list[float] = []
+
+        async def spy(data: bytes, replies: int, timeout: float) -> list[object]:
+            deadlines.append(timeout)
+            return await real_send(data, replies, timeout)
+
+        line._send = spy  # type: ignore[method-assign]
+        await line.run([("PING",)])
+        await line.run([("ECHO", b"x" * (3 << 20))])
+        await line.run([("PING",)], expect=4 << 20)
+        assert deadlines[0] == pytest.approx(1.0, abs=0.01)
+        assert deadlines[1] >= 4.0
+        assert deadlines[2] >= 5.0
+    finally:
+        await transport.close()
+
+
+@needs_server
+@pytest.mark.asyncio
+async def test_types_are_registered_again_after_the_server_restarted_empty() -> None:
+    port = _free_port()
+    server = _start_server(port)
+    transport = RedisTransport.from_url(f"redis://127.0.0.1:{port}/0?prefix=rt&socket_timeout=1")
+    try:
+        await _send(transport, ("one", "again.t", None))
+        _kill(server)
+        server = _start_server(port)  # empty: --save '' --appendonly no
+        await asyncio.sleep(0.2)  # (time passes: the closed connection is seen)
+        await _send(transport, ("two", "again.t", None))
+        check = redis.Redis(port=port)
+        try:
+            assert check.smembers("rt:types") == {b"again.t"}
+        finally:
+            check.close()
+    finally:
+        await transport.close()
+        _kill(server)
+
+
+@pytest.mark.asyncio
+async def test_recovering_a_lost_read_skips_entries_it_claimed_meanwhile(
+    url: str, prefix: str
+) -> None:
+    """Entries this member claimed from another (XAUTOCLAIM) may lie above the last id it
+    read of their stream: the recovery read after a lost read must not hand them out
+    again."""
+    client = _sync_client()
+    consumer = RedisTransport.from_url(url)
+    try:
+        client.sadd(f"{prefix}:types", "claim.a")
+        key = f"{prefix}:stream:claim.a"
+        for n in range(1, 5):
+            client.xadd(key, {"pt": 1, "body": f"e{n}"}, id=f"{n}000-0")
+        spec = ConsumerSpec(pattern=compile_pattern("claim.>"), group="claiming",
+                            start="earliest", ack_timeout=0.5, consumer="m1",
+                            max_in_flight=2, max_attempts=5)
+        receiver = await consumer.open_receiver(spec)
+        assert isinstance(receiver, RedisReceiver)
+        client.xreadgroup(receiver.group, "m2", {key: ">"}, count=2)  # m2 takes e1 e2, dies
+        await asyncio.sleep(0.6)
+        lost = _lose_reply_of_first_group_read(receiver, "lost")
+        claimed = await receiver.receive(2, 1.0)  # XAUTOCLAIM: e1 e2 are this member's now
+        assert [bytes(m.body or b"").decode() for m in claimed] == ["e1", "e2"]
+        with pytest.raises(Exception, match="receiving"):
+            await receiver.receive(2, 1.0)  # the read of e3 e4 ran, its reply was lost
+        assert lost
+        rest = await receiver.receive(2, 1.0)
+        assert [bytes(m.body or b"").decode() for m in rest] == ["e3", "e4"]
+        await receiver.ack([*claimed, *rest])
+        await receiver.close()
+    finally:
+        client.close()
         await consumer.close()

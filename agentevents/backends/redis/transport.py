@@ -80,11 +80,18 @@ The merge hands an entry out only when no stream can still hold an unread entry 
 sorts before it (see ``_StreamReceiver`` for the reasoning). Redis applies ``COUNT`` per
 stream: a stream that returned ``n`` entries may hold more, from the millisecond of its
 last one on; a stream that returned fewer held nothing more when it was read. So after
-each read (always of every stream), entries of milliseconds below the smallest last
-millisecond of a full stream are complete and handed out in order; later ones wait in a
-local buffer (they are already in this member's pending list) for the next read, which
-follows at once, without blocking. A read that finds the type registry grown joins the
-new streams and hands nothing out until they have been read too. Buffered entries that
+each read, entries of milliseconds below the smallest last millisecond of a full stream
+are complete and handed out in order; later ones wait in a local buffer (they are already
+in this member's pending list) for the next read, which follows at once, without
+blocking. Every read reads every stream except those whose last entry is already past
+that horizon (they count as full there: nothing they return could be handed out yet), so
+the buffer holds about ``n`` entries per stream, whatever the backlogs. A read that finds
+the type registry grown joins the new streams and hands nothing out until they have been
+read too. A group read is never sent twice: one that failed (connection lost, timed out,
+cancelled) may have run, and given its entries to this member; the next read then asks
+for this member's own pending entries after the last id it read of each stream
+(``XREADGROUP ... STREAMS <keys> <those ids>``), merged as usual, before reading ``>``
+again. Buffered entries that
 waited longer than ``ack_timeout / 4`` get their idle clock reset (``XCLAIM ... JUSTID``,
 unless another member claimed them meanwhile) before they are handed out. Every
 ``min(ack_timeout / 4, 2 s)`` the member runs ``XAUTOCLAIM`` with ``min-idle-time =
@@ -115,11 +122,14 @@ next calls collect, and go together in the next one; an idle publisher sends at 
 Connections: the hot paths (a publisher's pipelines, a member's reads and its
 acknowledgements) each keep one connection and talk to it through redis-py's public
 connection API: commands packed by this module, raw replies read back to back, one
-timeout per round trip. redis-py's per-command machinery (argument encoding, a pool
-checkout, a task and a timeout per send, a timeout and a response callback per reply)
-was the largest cost of publishing and consuming after decoding. On a cluster these
-commands go as a redis-py pipeline to the namespace's node; everything else goes through
-the redis-py client.
+timeout per round trip (``socket_timeout`` per MiB sent and expected, at least one).
+Publish pipelines and group reads are never sent twice (the server may have run them
+before the connection broke); a publisher whose connection is new registers every type
+again (the server may have restarted empty). redis-py's per-command machinery (argument
+encoding, a pool checkout, a task and a timeout per send, a timeout and a response
+callback per reply) was the largest cost of publishing and consuming after decoding. On a
+cluster these commands go as a redis-py pipeline to the namespace's node; everything else
+goes through the redis-py client.
 
 Redis Cluster: the URL names any one node (``redis://node1:6379``); with ``cluster=auto``
 the transport sees ``cluster_enabled:1`` and switches to redis-py's ``RedisCluster``, which
@@ -209,6 +219,10 @@ _MAX_SEQ = 18446744073709551615
 _INCOMPLETE = -1
 #: Idle time given to an entry handed back with no delay: any member's XAUTOCLAIM takes it.
 _HANDED_BACK_IDLE_MS = 10**12
+_MIB = 1 << 20
+#: What a read first expects an entry to take on the wire (:meth:`_Line.run`'s
+#: ``expect``); quadrupled, up to ``max_payload_bytes``, after a read that timed out.
+_ENTRY_GUESS = 4 * 1024
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _KNOWN_OPTIONS = ("prefix", "maxlen", "socket_timeout", "max_payload_bytes", "cluster",
                   *_TLS_OPTIONS)
@@ -409,6 +423,12 @@ def _order_of(entry_id: bytes, stamp: bytes | None) -> Order:
     return int(ms), int(stamp) if stamp and stamp.isdigit() else 0, int(seq or b"0")
 
 
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id as ``(millisecond, sequence)``, to compare ids."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or b"0")
+
+
 def _after(server_ms: int) -> str:
     """A stream id just below every id Redis assigns from ``server_ms`` on."""
     return f"{server_ms - 1}-{_MAX_SEQ}" if server_ms > 0 else "0-0"
@@ -480,14 +500,16 @@ class _Line:
     The hot paths skip redis-py's per-command machinery (argument encoding, a task and a
     timeout per send, a timeout context and a response callback per reply, a pool
     checkout per call): commands are packed here and sent together, and their raw
-    replies read back to back under one timeout per round trip, through redis-py's
-    public connection API (``send_packed_command``, ``read_response``) on connections of
-    a pool without a socket timeout of its own. A command the server refused comes back
-    as its ``ResponseError``. A round trip that fails or is cancelled half-way closes
-    its connection (replies may be left unread); a broken connection is replaced, and
-    the commands sent once more, unless ``retry`` is false. On a cluster the commands
-    go, as a redis-py pipeline, to the node owning the namespace (their replies then pass
-    through redis-py's response callbacks).
+    replies read back to back under one timeout per round trip (scaled by its size),
+    through redis-py's public connection API (``send_packed_command``,
+    ``read_response``) on connections of a pool without a socket timeout of its own. A
+    command the server refused comes back as its ``ResponseError``. A round trip that
+    fails or is cancelled half-way closes its connection (replies may be left unread); a
+    broken connection is replaced, and the commands sent once more, unless ``retry`` is
+    false (publish pipelines and group reads: the server may have run them). A kept
+    connection the server closed meanwhile is replaced before anything is sent on it.
+    On a cluster the commands go, as a redis-py pipeline, to the node owning the
+    namespace (their replies then pass through redis-py's response callbacks).
     """
 
     def __init__(self, transport: RedisTransport) -> None:
@@ -496,11 +518,36 @@ class _Line:
         self._lock = asyncio.Lock()
         self._dropping: set[asyncio.Task[None]] = set()
 
+    async def fresh(self) -> bool:
+        """Whether the next round trip starts on a new connection: none is kept (never
+        had one, or the last one failed), or the server closed the kept one meanwhile
+        (restart, idle timeout; it is dropped now, before anything is sent on it)."""
+        if isinstance(self._transport.client, RedisCluster):
+            return False  # (redis-py keeps the cluster's connections)
+        conn = self._conn
+        if conn is None:
+            return True
+        try:
+            check = getattr(conn, "can_read", None) or conn.can_read_destructive  # (< 8)
+            stale = bool(await check())
+        except (redis_errors.ConnectionError, OSError):
+            stale = True
+        if stale and self._conn is conn:
+            self._conn = None
+            self._drop(conn)
+        return stale
+
     async def run(self, commands: Sequence[Sequence[Any]], wait: float = 0.0,
-                  retry: bool = True) -> list[Any]:
+                  retry: bool = True, expect: int = 0) -> list[Any]:
         """Send ``commands`` together; their replies in order. ``wait``: how long a
         blocking command may take beyond the socket timeout. ``retry``: on a broken
-        connection, send them once more on a new one (not for what must not repeat)."""
+        connection, send them once more on a new one; only for what may run twice (the
+        server may have run them before the connection broke): never a group read or an
+        ``XADD``. ``expect``: about how many bytes the replies may take.
+
+        The round trip's deadline is ``socket_timeout`` per MiB sent and expected (at
+        least one ``socket_timeout``), plus ``wait``: a big pipeline or reply is not cut
+        off for its size."""
         transport = self._transport
         client: Any = transport.client
         if isinstance(client, RedisCluster):
@@ -512,7 +559,8 @@ class _Line:
                 pipe.execute_command(*args, target_nodes=node, **options)
             return list(await pipe.execute(raise_on_error=False))
         data = _pack(commands)
-        timeout = transport.config.socket_timeout + wait
+        timeout = (transport.config.socket_timeout * (1.0 + (len(data) + expect) / _MIB)
+                   + wait)
         async with self._lock:
             try:
                 return await self._send(data, len(commands), timeout)
@@ -522,6 +570,7 @@ class _Line:
             return await self._send(data, len(commands), timeout)
 
     async def _send(self, data: bytes, replies: int, timeout: float) -> list[Any]:
+        await self.fresh()  # (replaces a connection the server closed: nothing sent yet)
         conn = self._conn
         if conn is None:
             pool: Any = self._transport._line_client.connection_pool
@@ -723,6 +772,10 @@ class RedisTransport(Transport):
         self, batch: list[tuple[Sequence[OutboundMessage], asyncio.Future[None]]]
     ) -> None:
         config = self.config
+        if await self._line.fresh():
+            # A new connection: the server may have come back empty (restarted without
+            # persistence), so every type is registered again.
+            self._known_types.clear()
         commands: list[list[Any]] = []
         owners: list[int] = []
         adding: dict[str, int] = {}
@@ -741,7 +794,9 @@ class RedisTransport(Transport):
             return
         failed: dict[int, BaseException] = {}
         try:
-            results = await self._line.run(commands)
+            # Never sent twice: the server may have run the pipeline before the
+            # connection broke (duplicates, and out of order with what follows).
+            results = await self._line.run(commands, retry=False)
         except asyncio.CancelledError:
             for _messages, future in batch:
                 if not future.done():
@@ -897,8 +952,12 @@ class _StreamReceiver(Receiver):
     (they are already pending for this member) and handed out in sort order while they
     are *complete*:
 
-    * Every read reads every stream with one ``COUNT n`` (never only some of them: any
-      stream may have grown since the previous read).
+    * Every read reads every stream with one ``COUNT n`` (any stream may have grown
+      since the previous read), except a stream whose last read entry's millisecond is
+      above the horizon of the previous read while entries are buffered: whatever it
+      holds unread is from that millisecond on (appended later), so it counts as a full
+      stream that returned that entry, and reading it could only buffer entries that
+      cannot be handed out yet. The stream(s) at the horizon are read, so it moves on.
     * A stream that returned fewer than ``n`` entries held nothing more when it was read:
       what it gets later is appended after every entry this member has read so far, and
       sorts after them (a later append has a later or equal millisecond and, from the same
@@ -918,6 +977,10 @@ class _StreamReceiver(Receiver):
     reads; nothing is ever handed out past the horizon to make progress. Redeliveries
     (claimed or handed back) do not go through the merge: they are older than anything
     buffered, and are handed out as they come.
+
+    A group read that failed may have run (its entries are then this member's, pending):
+    the next read recovers them first (see :class:`RedisReceiver`), and hands nothing out
+    until they are all in and the streams have been read on.
 
     One limit, below Redis 7.2 only: a blocked read is answered with the one stream that
     woke it (7.2 reads all of them again). That stream's reply is its oldest news, since
@@ -949,13 +1012,31 @@ class _StreamReceiver(Receiver):
         self._settles = _Line(transport)
         #: Event type names, decoded once.
         self._topics: dict[bytes, str] = {}
+        #: The id of the last entry each stream returned to a read (buffered or handed
+        #: out): where a recovery read (:class:`RedisReceiver`) resumes, and the bound of
+        #: a stream that is not read (see the class docstring).
+        self._last_ids: dict[str, bytes] = {}
+        #: Whether the next read must first recover this member's own pending entries that
+        #: a failed read may have been given (group members only; see ``RedisReceiver``).
+        self._recovering = False
+        #: What an entry is expected to take on the wire (a read's timeout scales with
+        #: it); grows after a read that timed out.
+        self._entry_guess = _ENTRY_GUESS
 
-    async def _read_streams(self, *args: Any, block: float | None) -> tuple[Any, int]:
+    async def _read_streams(self, *args: Any, block: float | None, expect: int,
+                            retry: bool = True) -> tuple[Any, int]:
         """Run the read ``args``, and ``SCARD`` of the type registry sent right behind it
         (the server runs it as soon as the read returns, so it counts every type
-        registered before the read ran), in one round trip."""
-        reply, count = await self._reads.run([args, ("SCARD", self._config.types_key)],
-                                             wait=block or 0.0)
+        registered before the read ran), in one round trip. ``expect``: how many entries
+        the read may return (its timeout scales with their size)."""
+        try:
+            reply, count = await self._reads.run(
+                [args, ("SCARD", self._config.types_key)], wait=block or 0.0,
+                retry=retry, expect=expect * self._entry_guess)
+        except TimeoutError:  # a slow big reply? give the next read more time
+            self._entry_guess = min(self._entry_guess * 4,
+                                    max(self._config.max_payload_bytes, _ENTRY_GUESS))
+            raise
         for result in (reply, count):
             if isinstance(result, BaseException):
                 raise result
@@ -994,10 +1075,16 @@ class _StreamReceiver(Receiver):
         """Seconds until :meth:`_due` may have something."""
         return BLOCK_CAP
 
-    async def _fetch(self, count: int, block: float | None) -> tuple[Any, int] | None:
-        """One ``XREAD``/``XREADGROUP`` of every stream, and the size of the type registry
-        right after it; ``None`` if the read could not be made (it is made again)."""
+    async def _fetch(self, keys: list[str], count: int,
+                     block: float | None) -> tuple[Any, int] | None:
+        """One ``XREAD``/``XREADGROUP`` of the streams ``keys``, and the size of the type
+        registry right after it; ``None`` if the read could not be made (it is made
+        again)."""
         raise NotImplementedError  # pragma: no cover - overridden
+
+    def _recovered(self, messages: list[InboundMessage]) -> list[InboundMessage]:
+        """What a recovery read returned, less what this member already has."""
+        return messages
 
     async def _refresh(self, messages: list[InboundMessage]) -> list[InboundMessage]:
         """Buffered messages about to be handed out late: keep them ours (groups)."""
@@ -1006,12 +1093,42 @@ class _StreamReceiver(Receiver):
     async def _read(self, count: int, block: float | None) -> int:
         """Read every stream once (``COUNT count``), buffer what came in sort order, and
         set the horizon (see the class docstring). Returns how many entries came."""
-        fetched = await self._fetch(count, block)
+        keys = list(self._streams)
+        bounds: list[int] = []  # the last milliseconds of the streams not read
+        horizon = self._horizon
+        if (self._buffer and horizon is not None and horizon != _INCOMPLETE
+                and len(keys) > 1 and not self._recovering):
+            # A stream whose last entry is past the horizon is not read: nothing it can
+            # return could be handed out before the horizon passes that entry (its unread
+            # entries are no earlier), so it counts as a full stream bounded there. The
+            # stream(s) at the horizon are read, so it moves on; the buffer stays at about
+            # ``count`` entries per stream, however long the backlogs.
+            last_ids = self._last_ids
+            read: list[str] = []
+            for key in keys:
+                last = last_ids.get(key)
+                ms = int(last.partition(b"-")[0]) if last is not None else -1
+                if ms > horizon:
+                    bounds.append(ms)
+                else:
+                    read.append(key)
+            keys = read
+        recovering = self._recovering
+        fetched = await self._fetch(keys, count, block)
         if fetched is None:
             self._horizon = _INCOMPLETE
             return 0
         reply, types = fetched
         new, horizon = self._collect(reply, count)
+        if recovering:
+            # This member's own pending entries a failed read was given: a stream that
+            # returned ``count`` may hold more of them. Nothing is complete until they
+            # are all in and the streams have been read on (``>``) once more.
+            self._recovering = horizon is not None
+            new = self._recovered(new)
+            horizon = _INCOMPLETE
+        for ms in bounds:
+            horizon = ms if horizon is None else min(horizon, ms)
         if types != self._types_seen and await self._discover(types):
             horizon = _INCOMPLETE  # a new stream may hold older entries: read it first
         elif len(self._streams) == 1:
@@ -1057,6 +1174,7 @@ class _StreamReceiver(Receiver):
                 append(InboundMessage(body, topic, 1, None, (key, entry_id, stamp, now)))
             if entries:
                 last = entries[-1][0]
+                self._last_ids[key] = last
                 self._remember(key, last)
                 if len(entries) >= count:
                     ms = int(last.partition(b"-")[0])
@@ -1140,6 +1258,9 @@ class RedisReceiver(_StreamReceiver):
         self._ack_ms = max(1, int(spec.ack_timeout * 1000))
         self._claim_period = max(0.05, min(spec.ack_timeout / 4, 2.0))
         self._next_claim = 0.0
+        #: Entries claimed (``XAUTOCLAIM``) and handed out whose id is above their
+        #: stream's last read id: a recovery read would return them again.
+        self._claimed_ahead: set[tuple[str, bytes]] = set()
 
     async def start(self) -> None:
         client, config = self._client, self._config
@@ -1199,6 +1320,8 @@ class RedisReceiver(_StreamReceiver):
                     claimed.append((key, entry[0], entry[1]))
         if not claimed:
             return []
+        if self._claimed_ahead:
+            self._forget_claimed()
         pipe = self._client.pipeline(transaction=False)
         for key, entry_id, _ in claimed:
             pipe.xpending_range(key, self.group, entry_id, entry_id, 1, self._consumer)
@@ -1211,24 +1334,60 @@ class RedisReceiver(_StreamReceiver):
             message = _message(key, entry_id, fields, count)
             if message is not None:
                 out.append(message)
+                last = self._last_ids.get(key)
+                if last is None or _id_key(entry_id) > _id_key(last):
+                    self._claimed_ahead.add((key, entry_id))
         out.sort(key=_handle_order)
         return out
 
-    async def _fetch(self, count: int, block: float | None) -> tuple[Any, int] | None:
-        keys = list(self._streams)
+    async def _fetch(self, keys: list[str], count: int,
+                     block: float | None) -> tuple[Any, int] | None:
+        # ``>`` reads are never sent twice, and a read that failed (connection lost,
+        # timed out, cancelled) may still have run: the server then gave its entries to
+        # this member, and a new ``>`` read would get the ones after them, handing them
+        # out first (they would wait in this member's pending list until XAUTOCLAIM).
+        # So the next read asks for this member's own pending entries after the last id
+        # it saw of each stream first (an explicit id instead of ``>``).
+        if self._recovering:
+            keys = list(self._streams)
+            ids: list[Any] = [self._last_ids.get(key, b"0-0") for key in keys]
+            block = None
+        else:
+            ids = [">"] * len(keys)
         try:
             return await self._read_streams(
                 "XREADGROUP", "GROUP", self.group, self._consumer, *_read_options(count, block),
-                "STREAMS", *keys, *([">"] * len(keys)), block=block,
+                "STREAMS", *keys, *ids, block=block, expect=count * len(keys), retry=False,
             )
         except redis_errors.ResponseError as exc:
             if "NOGROUP" not in str(exc):
+                self._recovering = True  # (the read may have run: only SCARD failed)
                 raise
             # A stream or the group was deleted (or the server restarted empty): create
             # them again where the group starts, and re-read the type registry.
             await self._create_groups(keys, self._late_start)
+            for key in keys:
+                self._last_ids.pop(key, None)
             self._types_seen = -1
             return None
+        except BaseException:
+            self._recovering = True
+            raise
+
+    def _recovered(self, messages: list[InboundMessage]) -> list[InboundMessage]:
+        ahead = self._claimed_ahead
+        if ahead:
+            messages = [m for m in messages if m.handle[:2] not in ahead]
+            self._forget_claimed()
+        return messages
+
+    def _forget_claimed(self) -> None:
+        """Forget claimed entries a recovery read can no longer return."""
+        last_ids = self._last_ids
+        for key, entry_id in list(self._claimed_ahead):
+            last = last_ids.get(key)
+            if last is not None and _id_key(entry_id) <= _id_key(last):
+                self._claimed_ahead.discard((key, entry_id))
 
     async def _refresh(self, messages: list[InboundMessage]) -> list[InboundMessage]:
         # Reset the idle clock of entries read a while ago, unless another member claimed
@@ -1360,11 +1519,12 @@ class RedisEphemeralReceiver(_StreamReceiver):
             self._handed_back.remove(item)
         return [message for _, message in ready]
 
-    async def _fetch(self, count: int, block: float | None) -> tuple[Any, int] | None:
-        keys = list(self._streams)
+    async def _fetch(self, keys: list[str], count: int,
+                     block: float | None) -> tuple[Any, int] | None:
+        # (read from remembered positions: sending it twice is harmless)
         return await self._read_streams(
             "XREAD", *_read_options(count, block), "STREAMS", *keys,
-            *(self._streams[key] for key in keys), block=block,
+            *(self._streams[key] for key in keys), block=block, expect=count * len(keys),
         )
 
     def _remember(self, stream: str, last: bytes) -> None:
