@@ -85,6 +85,16 @@ async def buses() -> AsyncIterator[list[Bus]]:
         await bus.close(timeout=5.0)
 
 
+async def _create_consumer(bus: Bus, name: str, pattern: str, *, ack_wait: float,
+                           max_batch: int) -> None:
+    """A durable consumer created by "someone else", with limits of its own."""
+    await _api(bus, f"CONSUMER.DURABLE.CREATE.{STREAM}.{name}", {
+        "stream_name": STREAM, "config": {
+            "durable_name": name, "ack_policy": "explicit", "ack_wait": int(ack_wait * 1e9),
+            "filter_subject": f"{PREFIX}.{pattern}", "deliver_policy": "all",
+            "max_batch": max_batch, "max_deliver": -1}})
+
+
 def _bus(opened: list[Bus], url: str = URL) -> Bus:
     bus = create_bus(url)
     opened.append(bus)
@@ -499,11 +509,7 @@ class TestHotPaths:
         assert isinstance(transport, NatsTransport)
         name = consumer_name(f"{u}-g", f"{u}.>")
         # Created by someone else: a max_batch and an ack_wait shorter than ours.
-        await _api(bus, f"CONSUMER.DURABLE.CREATE.{STREAM}.{name}", {
-            "stream_name": STREAM, "config": {
-                "durable_name": name, "ack_policy": "explicit", "ack_wait": 1_000_000_000,
-                "filter_subject": f"{PREFIX}.{u}.>", "deliver_policy": "all",
-                "max_batch": 2, "max_deliver": -1}})
+        await _create_consumer(bus, name, f"{u}.>", ack_wait=1.0, max_batch=2)
         spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3)
         first = await transport.open_receiver(spec)
         second = await transport.open_receiver(spec)
@@ -542,11 +548,7 @@ class TestHotPaths:
         transport = bus.transport
         assert isinstance(transport, NatsTransport)
         name = consumer_name(f"{u}-g", f"{u}.>")
-        await _api(bus, f"CONSUMER.DURABLE.CREATE.{STREAM}.{name}", {
-            "stream_name": STREAM, "config": {
-                "durable_name": name, "ack_policy": "explicit", "ack_wait": 30_000_000_000,
-                "filter_subject": f"{PREFIX}.{u}.>", "deliver_policy": "all",
-                "max_batch": 3, "max_deliver": -1}})
+        await _create_consumer(bus, name, f"{u}.>", ack_wait=30.0, max_batch=3)
         spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3)
         receiver = await transport.open_receiver(spec)
         assert isinstance(receiver, NatsReceiver)
