@@ -1,17 +1,27 @@
 """``SqlEventStore``: the event store on SQLAlchemy 2 async Core.
 
 One code path serves SQLite (aiosqlite, the embedded default), PostgreSQL (asyncpg) and
-MySQL/MariaDB (asyncmy): plain SELECT / INSERT / DELETE, no dialect-specific SQL. The
-tables are described in :mod:`agentevents.stores.sql.schema`.
+MySQL/MariaDB (asyncmy): plain SELECT / INSERT / DELETE, no dialect-specific SQL, except
+on the hot paths below. The tables are described in :mod:`agentevents.stores.sql.schema`.
 
 An append is one transaction: read the stream's current version, check the expected
 version (:func:`~agentevents.core.store.check_expected_version`), insert the batch with the
-next versions, read back the positions the database assigned, commit. The unique
-constraint on ``(stream_id, stream_version)`` is the arbiter: of two writers that read the
-same version, the second insert fails, its transaction rolls back, and it gets
-``ConcurrencyError`` (an ``ANY`` append simply retries). An insert fails the same way on a
-stored event id; after the rollback the store looks the batch's ids up to tell a duplicate
-(``DuplicateEventError``) from a lost race, without parsing driver messages.
+next versions, get the positions the database assigned, commit. The positions come back
+from the insert itself where the database has ``INSERT ... RETURNING`` (PostgreSQL, SQLite
+3.35+, MariaDB 10.5+), as ``(position, stream_version)`` pairs matched to the events by
+version, never by the order of the rows; elsewhere (MySQL) a second statement reads them.
+On these hot paths the drivers run the statements themselves, past SQLAlchemy's layers,
+which cost more than the statements do: asyncpg an append's statements and the reads on
+PostgreSQL; aiosqlite and asyncmy the version read and the insert where it returns the
+positions, the outbox rows, SQLite's ``BEGIN IMMEDIATE`` and the MySQL/MariaDB
+commit-order lock. Their errors are translated as SQLAlchemy's are, and a connection they
+leave broken, or in the middle of a statement, is discarded.
+
+The unique constraint on ``(stream_id, stream_version)`` is the arbiter: of two writers
+that read the same version, the second insert fails, its transaction rolls back, and it
+gets ``ConcurrencyError`` (an ``ANY`` append simply retries). An insert fails the same way
+on a stored event id; after the rollback the store looks the batch's ids up to tell a
+duplicate (``DuplicateEventError``) from a lost race, without parsing driver messages.
 
 No holes that fill later
 ------------------------
@@ -32,8 +42,9 @@ again assigned in commit order:
 * PostgreSQL: ``pg_advisory_xact_lock(k)``, ``k`` derived from the table prefix; released
   by the server at COMMIT or ROLLBACK.
 * MySQL/MariaDB: ``GET_LOCK('agentevents:<prefix>', timeout)``, released with
-  ``RELEASE_LOCK`` right after the commit (the connection is discarded if that fails, which
-  ends the session and so the lock).
+  ``RELEASE_LOCK`` right after the commit (by asyncmy itself: through SQLAlchemy it would
+  begin a transaction, and cost a COMMIT, of its own). The connection is discarded if that
+  fails or is interrupted, which ends the session and so the lock.
 
 The cost is that appends to one set of tables are serialised, across processes, like on
 SQLite; readers are not affected. Stores with different table prefixes do not contend.
@@ -129,10 +140,11 @@ import random
 import sqlite3
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from uuid import UUID
 
-from sqlalchemy import Row, Select, delete, event, func, insert, select, text, update
+from sqlalchemy import Select, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -224,6 +236,12 @@ _MISSING_SCHEMA_STATES: Final = frozenset({"42P01", "42703"})
 _SCHEMA_HINT: Final = (" (if its tables do not exist yet, run `await store.create_schema()` or "
                        "`agentevents schema upgrade` once)")
 _ID_CHUNK: Final = 500
+#: The most rows, and bytes of values, one INSERT of a SQLite or MariaDB append sends; a
+#: bigger batch takes several statements (in its one transaction). The bytes stay far below
+#: MariaDB's ``max_allowed_packet`` (16 MiB by default), like asyncmy's own multi-row
+#: inserts (1 MB); SQLite binds at most ``insertmanyvalues_max_parameters`` values.
+_INSERT_ROWS: Final = 1000
+_INSERT_BYTES: Final = 1_000_000
 _UNIQUE_VIOLATION: Final = "23505"
 _T = TypeVar("_T")
 
@@ -239,6 +257,9 @@ _PG_ARRAY_COLUMNS: Final = (
 )
 _PG_ARRAY_TYPES: Final = ("text", "text", "int4", "int8", "text", "text", "text", "text",
                           "text", "text")
+#: The columns of a row inserted by :meth:`SqlEventStore._insert_returning`, in order.
+_ROW_COLUMNS: Final = (*_PG_ARRAY_COLUMNS, "stream_id", "stream_version", "recorded_at_us")
+_event_values = itemgetter(*_PG_ARRAY_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -275,6 +296,43 @@ class _PostgresStatements:
             insert=inserted + tail,
             insert_outbox=(inserted + f", ob AS (INSERT INTO {outbox} (position) "
                            f"SELECT position FROM ins)" + tail),
+        )
+
+
+@dataclass(frozen=True)
+class _DriverStatements:
+    """The SQL that aiosqlite or asyncmy run themselves (``?`` or ``%s`` parameters), made
+    once per store: an append's version read and inserts, and MariaDB's commit-order lock."""
+
+    max_version: str
+    #: ``INSERT INTO events (...) VALUES``: then :attr:`values` once per row, and
+    #: :attr:`returning`.
+    insert: str
+    values: str
+    returning: str
+    #: ``INSERT INTO outbox (position) VALUES``: then :attr:`outbox_values` once per row.
+    outbox: str
+    outbox_values: str
+    #: MySQL/MariaDB: the commit-order lock.
+    get_lock: str
+    release_lock: str
+
+    @classmethod
+    def of(cls, names: Tables, dialect: Dialect) -> _DriverStatements:
+        mark = "?" if dialect.name == "sqlite" else "%s"
+        quote = dialect.identifier_preparer
+        events = quote.format_table(names.events)
+        columns = ", ".join(quote.quote(name) for name in _ROW_COLUMNS)
+        return cls(
+            max_version=f"SELECT max(stream_version) FROM {events} WHERE stream_id = {mark}",
+            insert=f"INSERT INTO {events} ({columns}) VALUES ",
+            values=f"({', '.join([mark] * len(_ROW_COLUMNS))})",
+            returning=f" RETURNING {quote.quote('position')}, stream_version",
+            outbox=f"INSERT INTO {quote.format_table(names.outbox)} "
+                   f"({quote.quote('position')}) VALUES ",
+            outbox_values=f"({mark})",
+            get_lock=f"SELECT GET_LOCK({mark}, {mark})",
+            release_lock=f"SELECT RELEASE_LOCK({mark})",
         )
 
 
@@ -363,6 +421,10 @@ class SqlEventStore(EventStore):
         self._channel = ""  # PostgreSQL: resolved by the first append (_before_append)
         self._listener: AppendListener | None = None
         self._pg: _PostgresStatements | None = None
+        # The drivers whose own API the SQLite and MySQL/MariaDB appends use.
+        self._driver_sql: _DriverStatements | None = None
+        if self._engine.dialect.driver in ("aiosqlite", "asyncmy"):
+            self._driver_sql = _DriverStatements.of(self._tables, self._engine.dialect)
         if self._backend == "postgresql":
             self._pg = _PostgresStatements.of(self._tables, self._engine.dialect)
             t = self._tables.events
@@ -571,6 +633,10 @@ class SqlEventStore(EventStore):
                 if write and self._sqlite:
                     await conn.execution_options(**{_WRITE: True})
                 async with conn.begin():
+                    if write and self._sqlite:
+                        # IMMEDIATE takes the write lock before the version is read: writers
+                        # are serialised. Sent by aiosqlite itself, the cost of a third.
+                        await self._driver_fetch(conn, "BEGIN IMMEDIATE", ())
                     if ordered:
                         await self._take_commit_order_lock(conn)
                     yield conn
@@ -579,17 +645,23 @@ class SqlEventStore(EventStore):
             except (SQLAlchemyError, OSError) as exc:
                 raise self._translate(exc) from exc
             finally:
-                if ordered and self._backend != "postgresql":
-                    await self._release_commit_order_lock(conn)
-                await conn.close()
+                try:
+                    if ordered and self._backend != "postgresql":
+                        await self._release_commit_order_lock(conn)
+                finally:  # even when the release was interrupted: back to the pool
+                    await conn.close()
 
     async def _take_commit_order_lock(self, conn: AsyncConnection) -> None:
         if self._backend == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": self._lock_key})
             return
-        got = await conn.scalar(text("SELECT GET_LOCK(:name, :timeout)"),
-                                {"name": self._lock_name, "timeout": COMMIT_LOCK_TIMEOUT})
+        if self._driver_sql is not None:  # by asyncmy itself, like the append's statements
+            [(got,)] = await self._driver_fetch(conn, self._driver_sql.get_lock,
+                                                (self._lock_name, COMMIT_LOCK_TIMEOUT))
+        else:
+            got = await conn.scalar(text("SELECT GET_LOCK(:name, :timeout)"),
+                                    {"name": self._lock_name, "timeout": COMMIT_LOCK_TIMEOUT})
         if got != 1:
             raise StoreError(
                 f"timed out after {COMMIT_LOCK_TIMEOUT} s waiting for the commit-order lock "
@@ -597,9 +669,20 @@ class SqlEventStore(EventStore):
             )
 
     async def _release_commit_order_lock(self, conn: AsyncConnection) -> None:
+        """After the transaction ended: release the MySQL/MariaDB commit-order lock.
+
+        An invalidated connection's session has ended, and the lock with it. Sent by asyncmy
+        itself: through SQLAlchemy the statement would begin a transaction, and need one
+        more COMMIT; the pool's rollback on return ends the driver's own.
+        """
+        if conn.invalidated:
+            return
         try:
-            await conn.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": self._lock_name})
-            await conn.commit()
+            if self._driver_sql is not None:
+                await self._driver_fetch(conn, self._driver_sql.release_lock, (self._lock_name,))
+            else:
+                await conn.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": self._lock_name})
+                await conn.commit()
         except Exception:  # the session must not keep the lock: end it
             with contextlib.suppress(Exception):
                 await conn.invalidate()
@@ -641,8 +724,13 @@ class SqlEventStore(EventStore):
                             conn, stream_id, events, rows, expected_version,
                             outbox=self._outbox)
                     else:
-                        recorded = await self._insert(
-                            conn, stream_id, events, rows, expected_version)
+                        if self._driver_sql is not None and conn.dialect.insert_returning:
+                            recorded = await self._insert_returning(
+                                conn, self._driver_sql, stream_id, events, rows,
+                                expected_version)
+                        else:
+                            recorded = await self._insert(
+                                conn, stream_id, events, rows, expected_version)
                         if recorded:
                             await self._record_append(conn, recorded)
                 break
@@ -663,10 +751,20 @@ class SqlEventStore(EventStore):
         return recorded
 
     async def _record_append(self, conn: AsyncConnection, recorded: list[RecordedEvent]) -> None:
-        """In the append's transaction: the outbox rows (SQLite, MySQL/MariaDB)."""
-        if self._outbox:
+        """In the append's transaction: the outbox rows (SQLite, MySQL/MariaDB), by
+        aiosqlite or asyncmy itself in one multi-row INSERT per :data:`_INSERT_ROWS` rows."""
+        if not self._outbox:
+            return
+        sql = self._driver_sql
+        if sql is None:
             await conn.execute(insert(self._tables.outbox),
                                [{"position": r.position} for r in recorded])
+            return
+        most = min(_INSERT_ROWS, conn.dialect.insertmanyvalues_max_parameters)
+        for start in range(0, len(recorded), most):
+            positions = [r.position for r in recorded[start : start + most]]
+            await self._driver_fetch(
+                conn, sql.outbox + ", ".join([sql.outbox_values] * len(positions)), positions)
 
     async def _insert_postgresql(
         self,
@@ -762,6 +860,95 @@ class SqlEventStore(EventStore):
                           recorded_at=now)
             for i, (e, p) in enumerate(zip(events, positions, strict=True), start=1)
         ]
+
+    async def _insert_returning(
+        self,
+        conn: AsyncConnection,
+        sql: _DriverStatements,
+        stream_id: str,
+        events: Sequence[Event],
+        rows: list[dict[str, Any]],
+        expected_version: ExpectedVersion,
+    ) -> list[RecordedEvent]:
+        """:meth:`_insert` on SQLite 3.35+ and MariaDB 10.5+, by aiosqlite or asyncmy itself.
+
+        The version read, then one multi-row ``INSERT ... RETURNING position,
+        stream_version`` per :data:`_INSERT_ROWS` rows or :data:`_INSERT_BYTES` of values.
+        The rows come back in no promised order: each position goes to the event of its
+        version. Compared with SQLAlchemy's ``executemany`` and a second statement reading
+        the positions, this saves a round trip and SQLAlchemy's own cost per statement
+        (``benchmarks/bench_sql.py``).
+        """
+        [(current,)] = await self._driver_fetch(conn, sql.max_version, (stream_id,))
+        check_expected_version(stream_id, expected_version, current)
+        if not rows:
+            return []
+        base = current or 0
+        now = utcnow()
+        recorded_at = to_micros(now)
+        most = min(_INSERT_ROWS,
+                   conn.dialect.insertmanyvalues_max_parameters // len(_ROW_COLUMNS))
+        positions: dict[int, int] = {}
+        values: list[Any] = []
+        count = size = 0
+        for version, row in enumerate(rows, start=base + 1):
+            row_values = (*_event_values(row), stream_id, version, recorded_at)
+            row_size = sum(len(v) if v.isascii() else len(v.encode())
+                           for v in row_values if isinstance(v, str))
+            if count and (count == most or size + row_size > _INSERT_BYTES):
+                await self._insert_rows(conn, sql, count, values, positions)
+                values, count, size = [], 0, 0
+            values.extend(row_values)
+            count, size = count + 1, size + row_size
+        await self._insert_rows(conn, sql, count, values, positions)
+        return [
+            RecordedEvent(event=e, stream_id=stream_id, version=v, position=positions[v],
+                          recorded_at=now)
+            for v, e in enumerate(events, start=base + 1)
+        ]
+
+    async def _insert_rows(self, conn: AsyncConnection, sql: _DriverStatements, count: int,
+                           values: list[Any], positions: dict[int, int]) -> None:
+        """Insert ``count`` rows of ``values``; record their positions by stream version."""
+        statement = sql.insert + ", ".join([sql.values] * count) + sql.returning
+        try:
+            returned = await self._driver_fetch(conn, statement, values)
+        except IntegrityError as exc:
+            raise _Collision from exc
+        if len(returned) != count:
+            raise StoreError(f"the event store at {self._shown} returned {len(returned)} "
+                             f"positions for {count} inserted events")
+        for position, version in returned:
+            positions[version] = position
+
+    async def _driver_fetch(self, conn: AsyncConnection, sql: str,
+                            params: Sequence[Any]) -> list[Any]:
+        """The rows of one statement run by aiosqlite or asyncmy itself, in ``conn``'s
+        transaction. Its errors are wrapped as SQLAlchemy wraps them (a unique violation is
+        an :class:`IntegrityError`), and a connection that failed, or was left in the middle
+        of a statement, is invalidated, as SQLAlchemy does: it does not see them."""
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        try:
+            if self._sqlite:
+                return list(await driver.execute_fetchall(sql, params))
+            async with driver.cursor() as cursor:
+                await cursor.execute(sql, params)
+                return list(await cursor.fetchall())
+        except BaseException as exc:
+            dialect = conn.dialect
+            error = dialect.loaded_dbapi.Error
+            if isinstance(exc, error) and not dialect.is_disconnect(exc, None, None):
+                raise DBAPIError.instance(
+                    sql, None, exc, error, dialect=dialect,
+                    hide_parameters=self._engine.sync_engine.hide_parameters) from exc
+            # Lost, interrupted, or the client failed (asyncmy raises AttributeError then).
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            if not isinstance(exc, Exception):
+                raise
+            raise BackendConnectionError(
+                f"lost the connection to the event store at {self._shown}: "
+                f"{_reason(exc)}") from exc
 
     async def _stored_ids(self, ids: list[str]) -> list[str]:
         t = self._tables.events
@@ -862,18 +1049,13 @@ class SqlEventStore(EventStore):
                 rows: Sequence[Any] = await self._fetch_asyncpg(conn, stmt)
             else:
                 rows = (await conn.execute(stmt)).all()
-        try:
-            return [_recorded(row, validate=up_to_corrupt) for row in rows]
-        except Exception:  # not what this store wrote: find the row, say which
-            pass
         decoded: list[RecordedEvent] = []
-        for row in rows:
-            try:
-                decoded.append(_recorded(row, validate=up_to_corrupt))
-            except Exception as exc:
-                if up_to_corrupt and decoded:
-                    return decoded
-                raise self._corrupt(row, exc) from exc
+        try:
+            _decode_rows(rows, decoded, validate=up_to_corrupt)
+        except Exception as exc:  # not what this store wrote: say which row
+            if up_to_corrupt and decoded:
+                return decoded
+            raise self._corrupt(rows[len(decoded)], exc) from exc
         return decoded
 
     def _corrupt(self, row: Any, exc: Exception) -> CorruptEventError:
@@ -1151,9 +1333,10 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    # IMMEDIATE takes the write lock before the version is read: writers are serialised.
-    immediate = conn.get_execution_options().get(_WRITE, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    # A store's write transaction sends its BEGIN IMMEDIATE itself, right after this (_open;
+    # it never commits midway, which would begin again without it).
+    if not conn.get_execution_options().get(_WRITE, False):
+        conn.exec_driver_sql("BEGIN")
 
 
 def _event_row(event: Event) -> dict[str, Any]:
@@ -1171,34 +1354,41 @@ def _event_row(event: Event) -> dict[str, Any]:
     }
 
 
-def _recorded(row: Row[Any], *, validate: bool = False) -> RecordedEvent:
-    """A row of the events table (all columns, in table order) as a :class:`RecordedEvent`.
+def _decode_rows(rows: Sequence[Any], decoded: list[RecordedEvent], *,
+                 validate: bool = False) -> None:
+    """Append rows of the events table (all columns, in table order) to ``decoded`` as
+    :class:`RecordedEvent` objects, in order; raise what decoding or validating one raised
+    (it is ``rows[len(decoded)]``).
 
     Unpacked positionally (``Row`` attribute access by name costs more than the query).
     The values were validated as an :class:`Event` when they were appended, so they are
     not validated again (:func:`construct_checked`): reading is bound by this per row.
     With ``validate`` they are (the outbox: what is published must be a valid event even
-    if the row was changed since). Raises what the decoding or the validation raised.
+    if the row was changed since). The rows of one append have one ``recorded_at``: a row
+    with the value of the row before it gets that row's datetime (equal values, equal
+    datetimes), not a new one.
     """
-    (position, event_id, stream_id, stream_version, event_type, event_version, time_us,
-     source, correlation_id, causation_id, key, payload, metadata, recorded_at_us) = cast(
-        "tuple[Any, ...]", row)
-    fields = (
-        UUID(event_id), event_type, event_version, from_micros(time_us), source,
-        correlation_id, causation_id, key, json_loads(payload),
-        {} if metadata == "{}" else json_loads(metadata),
-    )
-    if validate:
-        event = Event.model_validate(dict(zip(_EVENT_FIELDS, fields, strict=True)))
-    else:
-        event = construct_checked(*fields)
-    return RecordedEvent(
-        event=event,
-        stream_id=stream_id,
-        version=stream_version,
-        position=position,
-        recorded_at=from_micros(recorded_at_us),
-    )
+    recorded_us: object = _NOTHING  # equal to no value: the first row makes its datetime
+    recorded_at = from_micros(0)
+    for (position, event_id, stream_id, stream_version, event_type, event_version, time_us,
+         source, correlation_id, causation_id, key, payload, metadata,
+         recorded_at_us) in rows:
+        if recorded_at_us != recorded_us:
+            recorded_at = from_micros(recorded_at_us)
+            recorded_us = recorded_at_us
+        fields = (
+            UUID(event_id), event_type, event_version, from_micros(time_us), source,
+            correlation_id, causation_id, key, json_loads(payload),
+            {} if metadata == "{}" else json_loads(metadata),
+        )
+        if validate:
+            event = Event.model_validate(dict(zip(_EVENT_FIELDS, fields, strict=True)))
+        else:
+            event = construct_checked(*fields)
+        decoded.append(RecordedEvent(event, stream_id, stream_version, position, recorded_at))
+
+
+_NOTHING: Final = object()
 
 
 _EVENT_FIELDS: Final = ("id", "type", "version", "time", "source", "correlation_id",
