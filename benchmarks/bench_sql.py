@@ -7,7 +7,8 @@ Run by hand (never in CI)::
     .venv/bin/python benchmarks/bench_sql.py --url mysql+asyncmy://root@127.0.0.1:3306/test
     .venv/bin/python benchmarks/bench_sql.py --url sqlite+aiosqlite:///tmp/bench.db
 
-Figures (events/s, median of ``--repeat`` runs):
+Figures (events/s, median of ``--repeat`` runs; the rows of a section run round-robin, so that
+a machine whose speed drifts slows them alike):
 
 * append, 1 event per transaction and 100 per transaction (outbox off, then on);
 * raw Core ``executemany`` of the same rows into the store's own table (same indexes,
@@ -222,8 +223,18 @@ async def raw_asyncpg_read(store: SqlEventStore) -> float:
 # -- the run -------------------------------------------------------------------------------
 
 
-async def median(runner: Callable[[], Awaitable[float]], repeat: int) -> float:
-    return statistics.median([await runner() for _ in range(repeat)])
+Runner = Callable[[], Awaitable[float]]
+
+
+async def interleaved(runners: dict[str, Runner], repeat: int) -> dict[str, float]:
+    """The median rate of each runner over ``repeat`` rounds, the rows of a round run one
+    after another (round-robin): a machine whose speed drifts slows them alike, so the
+    ratios within a section hold better than the figures do."""
+    results: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(repeat):
+        for label, runner in runners.items():
+            results[label].append(await runner())
+    return {label: statistics.median(rates) for label, rates in results.items()}
 
 
 async def main() -> None:
@@ -236,39 +247,42 @@ async def main() -> None:
     args = parser.parse_args()
     url, n, r = args.url, args.events, args.repeat
     postgres = url.startswith(("postgresql", "postgres"))
-    rows: list[tuple[str, float, str]] = []
 
-    def row(label: str, rate: float, base: float | None = None) -> None:
-        rows.append((label, rate, f"{rate / base:.2f}x" if base else ""))
-        print(f"  {label:<52} {rate:>10,.0f} ev/s {rows[-1][2]}", flush=True)
+    def report(rates: dict[str, float], base: str) -> None:
+        for label, rate in rates.items():
+            ratio = f"{rate / rates[base]:.2f}x" if label != base else ""
+            print(f"  {label:<52} {rate:>10,.0f} ev/s {ratio}", flush=True)
 
-    print(f"SQL store vs raw, {n} events, median of {r}, {url.split('@')[-1]}")
-    raw100 = await median(lambda: raw_core_append(url, n, 100, lock=False), r)
-    row("raw Core executemany, 100/tx", raw100)
-    raw100_lock = await median(lambda: raw_core_append(url, n, 100, lock=True), r)
-    row("raw Core executemany, 100/tx + commit-order lock", raw100_lock, raw100)
+    print(f"SQL store vs raw, {n} events, median of {r} (rows of a section interleaved), "
+          f"{url.split('@')[-1]}")
+    batch: dict[str, Runner] = {
+        "raw Core executemany, 100/tx": lambda: raw_core_append(url, n, 100, lock=False),
+        "raw Core executemany, 100/tx + commit-order lock":
+            lambda: raw_core_append(url, n, 100, lock=True),
+    }
     if postgres:
-        row("raw asyncpg executemany, 100/tx",
-            await median(lambda: raw_asyncpg_append(url, n, 100, copy=False), r), raw100)
-        row("raw asyncpg COPY, 100/tx",
-            await median(lambda: raw_asyncpg_append(url, n, 100, copy=True), r), raw100)
-    row("append, 100/tx", await median(lambda: ae_append(url, n, 100, False), r), raw100)
-    row("append, 100/tx, outbox on",
-        await median(lambda: ae_append(url, n, 100, True), r), raw100)
-    raw1 = await median(lambda: raw_core_append(url, args.single, 1, lock=False), r)
-    row("raw Core insert, 1/tx", raw1)
-    row("append, 1/tx", await median(lambda: ae_append(url, args.single, 1, False), r), raw1)
+        batch["raw asyncpg executemany, 100/tx"] = \
+            lambda: raw_asyncpg_append(url, n, 100, copy=False)
+        batch["raw asyncpg COPY, 100/tx"] = lambda: raw_asyncpg_append(url, n, 100, copy=True)
+    batch["append, 100/tx"] = lambda: ae_append(url, n, 100, False)
+    batch["append, 100/tx, outbox on"] = lambda: ae_append(url, n, 100, True)
+    report(await interleaved(batch, r), "raw Core executemany, 100/tx")
+    report(await interleaved({
+        "raw Core insert, 1/tx": lambda: raw_core_append(url, args.single, 1, lock=False),
+        "append, 1/tx": lambda: ae_append(url, args.single, 1, False),
+    }, r), "raw Core insert, 1/tx")
 
     store = await filled_store(url, n)
     try:
-        raw_read = await median(lambda: raw_core_read(store), r)
-        row("raw Core select, pages of 1000 + payload JSON", raw_read)
+        reads: dict[str, Runner] = {
+            "raw Core select, pages of 1000 + payload JSON": lambda: raw_core_read(store),
+        }
         if postgres:
-            row("raw asyncpg fetch, pages of 1000 + payload JSON",
-                await median(lambda: raw_asyncpg_read(store), r), raw_read)
-        row("read_all, pages of 1000", await median(lambda: ae_read_all(store), r), raw_read)
-        row("catch-up subscribe from 0", await median(lambda: ae_catch_up(store, n), r),
-            raw_read)
+            reads["raw asyncpg fetch, pages of 1000 + payload JSON"] = \
+                lambda: raw_asyncpg_read(store)
+        reads["read_all, pages of 1000"] = lambda: ae_read_all(store)
+        reads["catch-up subscribe from 0"] = lambda: ae_catch_up(store, n)
+        report(await interleaved(reads, r), "raw Core select, pages of 1000 + payload JSON")
     finally:
         await drop(store)
 
