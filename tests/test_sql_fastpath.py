@@ -440,3 +440,62 @@ async def test_a_bad_timestamp_in_a_row_names_that_row(
         assert await store.read_all(bad) == recorded[2:]
     finally:
         await store.close()
+
+
+async def _holds_the_write_lock(path: Path) -> bool:
+    """Whether another connection to the SQLite file is refused the write lock now."""
+    other = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0.05})
+    try:
+        async with other.connect() as conn:
+            try:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except Exception as exc:
+                return "locked" in str(exc)
+            await conn.exec_driver_sql("ROLLBACK")
+            return False
+    finally:
+        await other.dispose()
+
+
+@pytest.mark.asyncio
+async def test_every_sqlite_write_transaction_holds_the_write_lock(tmp_path: Path) -> None:
+    """A store's write transaction sends its first BEGIN IMMEDIATE through aiosqlite; a
+    write connection that begins without that (any other path) gets it from the begin hook,
+    never autocommit; reads begin with a plain BEGIN."""
+    path = tmp_path / "events.db"
+    async with _driver_store("sqlite", tmp_path) as store:
+        await store.append("a", [_event()])
+        assert not await _holds_the_write_lock(path)
+        async with store._open(write=True) as conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            assert raw.in_transaction
+            assert await _holds_the_write_lock(path)
+        async with store._engine.connect() as conn:
+            await conn.execution_options(**{sql_store._WRITE: True})
+            async with conn.begin():
+                raw = (await conn.get_raw_connection()).driver_connection
+                assert raw.in_transaction, "a write transaction ran in autocommit"
+                assert await _holds_the_write_lock(path)
+        async with store._open(write=False) as conn:
+            await conn.execute(text("SELECT 1"))
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw.in_transaction
+            assert not await _holds_the_write_lock(path)
+        assert [r.version for r in await store.read_stream("a")] == [1]
+
+
+@pytest.mark.asyncio
+async def test_a_version_too_big_for_the_column_is_refused_before_anything_is_sent(
+    url: str,
+) -> None:
+    from agentevents.core.errors import EventValidationError
+
+    store = SqlEventStore(url)
+    try:
+        with pytest.raises(EventValidationError, match="INTEGER"):
+            await store.append("v", [_event(), Event(type="fast.test", version=2**31)])
+        await store.append("v", [Event(type="fast.test", version=2**31 - 1)])
+        [stored] = await store.read_stream("v")
+        assert stored.event.version == 2**31 - 1
+    finally:
+        await store.close()

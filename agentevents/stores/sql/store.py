@@ -167,6 +167,7 @@ from agentevents.core.errors import (
     ConfigurationError,
     CorruptEventError,
     DuplicateEventError,
+    EventValidationError,
     LeaseLostError,
     OutboxNotInTablesError,
     RelayNameError,
@@ -229,6 +230,8 @@ OUTBOX_SETTING_TTL: Final = 1.0
 #: Seconds a MySQL/MariaDB schema change waits for another one to finish before giving up.
 SCHEMA_LOCK_TIMEOUT: Final = 600
 _WRITE: Final = "agentevents_write"
+#: In a SQLite connection's ``info``: its next BEGIN is sent by :meth:`SqlEventStore._open`.
+_DRIVER_BEGIN: Final = "agentevents_driver_begin"
 #: SQLSTATE classes of a lost connection (08: connection exception; 57P0x: the server or an
 #: administrator ended the session), and of a missing table or column.
 _CONNECTION_STATES: Final = ("08", "57P0")
@@ -236,6 +239,8 @@ _MISSING_SCHEMA_STATES: Final = frozenset({"42P01", "42703"})
 _SCHEMA_HINT: Final = (" (if its tables do not exist yet, run `await store.create_schema()` or "
                        "`agentevents schema upgrade` once)")
 _ID_CHUNK: Final = 500
+#: ``event_version`` is an INTEGER column on every database: 32-bit signed.
+_MAX_EVENT_VERSION: Final = 2**31 - 1
 #: The most rows, and bytes of values, one INSERT of a SQLite or MariaDB append sends; a
 #: bigger batch takes several statements (in its one transaction). The bytes stay far below
 #: MariaDB's ``max_allowed_packet`` (16 MiB by default), like asyncmy's own multi-row
@@ -632,10 +637,10 @@ class SqlEventStore(EventStore):
             try:
                 if write and self._sqlite:
                     await conn.execution_options(**{_WRITE: True})
+                    conn.info[_DRIVER_BEGIN] = True  # _sqlite_begin leaves this one to us
                 async with conn.begin():
                     if write and self._sqlite:
-                        # IMMEDIATE takes the write lock before the version is read: writers
-                        # are serialised. Sent by aiosqlite itself, the cost of a third.
+                        # Sent by aiosqlite itself: a third of the cost through SQLAlchemy.
                         await self._driver_fetch(conn, "BEGIN IMMEDIATE", ())
                     if ordered:
                         await self._take_commit_order_lock(conn)
@@ -649,6 +654,8 @@ class SqlEventStore(EventStore):
                     if ordered and self._backend != "postgresql":
                         await self._release_commit_order_lock(conn)
                 finally:  # even when the release was interrupted: back to the pool
+                    if write and self._sqlite and not conn.invalidated:
+                        conn.info.pop(_DRIVER_BEGIN, None)  # if the begin never came
                     await conn.close()
 
     async def _take_commit_order_lock(self, conn: AsyncConnection) -> None:
@@ -1333,13 +1340,22 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    # A store's write transaction sends its BEGIN IMMEDIATE itself, right after this (_open;
-    # it never commits midway, which would begin again without it).
-    if not conn.get_execution_options().get(_WRITE, False):
-        conn.exec_driver_sql("BEGIN")
+    # IMMEDIATE takes the write lock before the version is read: writers are serialised.
+    # _open sends a write transaction's first BEGIN IMMEDIATE through aiosqlite itself, right
+    # after this (cheaper); any later one in the same connection (a transaction that
+    # committed midway and began again) is sent here, so no write ever runs in autocommit.
+    if conn.info.pop(_DRIVER_BEGIN, False):
+        return
+    immediate = conn.get_execution_options().get(_WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def _event_row(event: Event) -> dict[str, Any]:
+    if event.version > _MAX_EVENT_VERSION:
+        raise EventValidationError(
+            f"event {event.id}: version {event.version} does not fit the SQL store's "
+            f"event_version column (INTEGER, at most {_MAX_EVENT_VERSION}); payload schema "
+            "versions are small numbers")
     return {
         "event_id": str(event.id),
         "event_type": event.type,
