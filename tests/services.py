@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,14 @@ def sql_server(kind: str, purpose: str) -> str:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message}: CI must {purpose} on it", pytrace=False)
         pytest.skip(f"{message}: did not {purpose} on it")
+
+
+def sql_base(kind: str, tmp_path: Path, purpose: str) -> str:
+    """The base URL of a test database: a SQLite file under ``tmp_path`` for ``"sqlite"``,
+    else :func:`sql_server` (which skips or fails when the server is not listening)."""
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    return sql_server(kind, purpose)
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from services import SQL_SERVERS, sql_server, sql_tables
+from services import SQL_SERVERS, sql_base, sql_tables
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
@@ -39,9 +39,7 @@ from agentevents.stores.sql.store import SqlEventStore
 
 
 def _base(kind: str, tmp_path: Path) -> str:
-    if kind == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    return sql_server(kind, "run the append and read fast path tests")
+    return sql_base(kind, tmp_path, "run the append and read fast path tests")
 
 
 @pytest_asyncio.fixture(params=["sqlite", *sorted(SQL_SERVERS)])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from services import SQL_SERVERS, sql_server, sql_tables
+from services import SQL_SERVERS, sql_base, sql_tables
 from sqlalchemy import delete, select, text, update
 from test_relay import RecordingTransport
 
@@ -43,9 +43,7 @@ from agentevents.stores.sql.store import OUTBOX_SETTING_TTL, SqlEventStore
 
 
 def _base(kind: str, tmp_path: Path) -> str:
-    if kind == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    return sql_server(kind, "run the outbox tests")
+    return sql_base(kind, tmp_path, "run the outbox tests")
 
 
 @pytest_asyncio.fixture(params=["sqlite", *sorted(SQL_SERVERS)])
