@@ -15,7 +15,8 @@ which cost more than the statements do: asyncpg an append's statements and the r
 PostgreSQL; aiosqlite and asyncmy the version read and the insert where it returns the
 positions, the outbox rows, SQLite's ``BEGIN IMMEDIATE`` and the MySQL/MariaDB
 commit-order lock. Their errors are translated as SQLAlchemy's are, and a connection they
-leave broken, or in the middle of a statement, is discarded.
+leave broken, or in the middle of a statement, is discarded. SQLAlchemy's ``echo``, logging
+and cursor events do not see these statements; the rest of the store's still go through it.
 
 The unique constraint on ``(stream_id, stream_version)`` is the arbiter: of two writers
 that read the same version, the second insert fails, its transaction rolls back, and it
