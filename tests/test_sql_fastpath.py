@@ -497,3 +497,42 @@ async def test_a_version_too_big_for_the_column_is_refused_before_anything_is_se
         assert stored.event.version == 2**31 - 1
     finally:
         await store.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["sqlite", "mariadb"])
+async def test_the_pool_rolls_back_only_a_connection_returned_in_a_transaction(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a store transaction (which ends with its own COMMIT or ROLLBACK) the pool sends
+    no second rollback; a connection returned with a transaction still open is rolled back,
+    its uncommitted write gone and its locks released."""
+    async with _driver_store(kind, tmp_path) as store:
+        await store.append("a", [_event()])  # connected
+        async with store._engine.connect() as conn:
+            adapted: Any = (await conn.get_raw_connection()).dbapi_connection
+        rollbacks: list[object] = []
+        original = type(adapted).rollback
+
+        def counting(self: Any) -> None:
+            rollbacks.append(self)
+            original(self)
+
+        monkeypatch.setattr(type(adapted), "rollback", counting)
+        await store.append("a", [_event(1)])
+        await store.read_all()
+        assert rollbacks == []
+        # An uncommitted write through the driver, then back to the pool.
+        events = store._tables.events.name
+        async with store._engine.connect() as conn:
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            if kind == "sqlite":
+                await driver.execute("BEGIN IMMEDIATE")
+                await driver.execute(f"DELETE FROM {events}")
+            else:
+                async with driver.cursor() as cursor:
+                    await cursor.execute(f"DELETE FROM {events}")
+        assert len(rollbacks) == 1
+        assert [r.version for r in await store.read_stream("a")] == [1, 2]
+        await store.append("a", [_event(2)])  # no lock left behind
+        assert [r.version for r in await store.read_stream("a")] == [1, 2, 3]

@@ -159,7 +159,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import PoolResetState, StaticPool
 
 from agentevents.core.errors import (
     AgentEventsError,
@@ -231,6 +231,8 @@ OUTBOX_SETTING_TTL: Final = 1.0
 #: Seconds a MySQL/MariaDB schema change waits for another one to finish before giving up.
 SCHEMA_LOCK_TIMEOUT: Final = 600
 _WRITE: Final = "agentevents_write"
+#: SERVER_STATUS_IN_TRANS of the MySQL protocol's status flags.
+_MYSQL_STATUS_IN_TRANS: Final = 0x0001
 #: In a SQLite connection's ``info``: its next BEGIN is sent by :meth:`SqlEventStore._open`.
 _DRIVER_BEGIN: Final = "agentevents_driver_begin"
 #: SQLSTATE classes of a lost connection (08: connection exception; 57P0x: the server or an
@@ -403,6 +405,13 @@ class SqlEventStore(EventStore):
             hashlib.blake2b(self._lock_name.encode(), digest_size=8).digest(), "big", signed=True
         )
         options = dict(engine_options or {})
+        # aiosqlite and asyncmy know whether a transaction is open: the pool's rollback on
+        # return is then sent only when one is (every store transaction ends with its own
+        # COMMIT or ROLLBACK, so that rollback was one more round trip per transaction).
+        reset_if_open = ("pool_reset_on_return" not in options
+                         and sa_url.get_driver_name() in ("aiosqlite", "asyncmy"))
+        if reset_if_open:
+            options["pool_reset_on_return"] = None
         if self._sqlite and "timeout" not in sa_url.query:
             options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT,
                                        **options.get("connect_args", {})}
@@ -412,6 +421,8 @@ class SqlEventStore(EventStore):
             raise ConfigurationError(
                 f"cannot use {self._shown!r} as an event store: {exc}"
             ) from exc
+        if reset_if_open:
+            event.listen(self._engine.sync_engine, "reset", _reset_if_open)
         if self._sqlite:
             event.listen(self._engine.sync_engine, "connect", _sqlite_connect)
             event.listen(self._engine.sync_engine, "begin", _sqlite_begin)
@@ -1338,6 +1349,20 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
                 cursor.execute(f"PRAGMA busy_timeout = {busy_timeout}")
     finally:
         cursor.close()
+
+
+def _reset_if_open(dbapi_connection: Any, _record: Any, state: PoolResetState) -> None:
+    """The pool's reset of a connection on its return (aiosqlite, asyncmy): a rollback if,
+    and only if, the driver says a transaction is open."""
+    if state.terminate_only:  # the pool closes it: nothing to reset
+        return
+    driver = dbapi_connection.driver_connection
+    if hasattr(driver, "server_status"):  # asyncmy: the status of the server's last reply
+        open_ = bool(driver.server_status & _MYSQL_STATUS_IN_TRANS)
+    else:  # aiosqlite
+        open_ = bool(driver.in_transaction)
+    if open_:
+        dbapi_connection.rollback()
 
 
 def _sqlite_begin(conn: Connection) -> None:
