@@ -536,3 +536,42 @@ async def test_the_pool_rolls_back_only_a_connection_returned_in_a_transaction(
         assert [r.version for r in await store.read_stream("a")] == [1, 2]
         await store.append("a", [_event(2)])  # no lock left behind
         assert [r.version for r in await store.read_stream("a")] == [1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_a_schema_change_cancelled_while_it_waits_for_the_schema_lock_keeps_no_lock(
+    mariadb_store: SqlEventStore,
+) -> None:
+    """Cancelled in GET_LOCK of the schema lock: the server may still grant the lock to the
+    session after the holder lets go; that session is ended, never pooled with the lock."""
+    store = mariadb_store
+    name = f"agentevents-schema:{store.table_prefix}"[:64]
+    engine = create_async_engine(store._engine.url)
+    free = text("SELECT IS_FREE_LOCK(:name)")
+    try:
+        async with engine.connect() as holder:
+            assert await holder.scalar(text("SELECT GET_LOCK(:name, 5)"), {"name": name}) == 1
+            task = asyncio.create_task(store.create_schema())
+            waiting = text("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                           "WHERE INFO LIKE 'SELECT GET_LOCK%' AND STATE LIKE '%lock%'")
+            for _ in range(200):
+                async with engine.connect() as probe:
+                    if await probe.scalar(waiting):
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("create_schema never waited for the schema lock")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await holder.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        for _ in range(100):
+            async with engine.connect() as probe:
+                if await probe.scalar(free, {"name": name}) == 1:
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the schema lock is held by a session the cancelled change left")
+    finally:
+        await engine.dispose()
+    await store.create_schema()  # and schema changes go on
