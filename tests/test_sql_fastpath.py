@@ -539,6 +539,34 @@ async def test_the_pool_rolls_back_only_a_connection_returned_in_a_transaction(
 
 
 @pytest.mark.asyncio
+async def test_a_transaction_whose_first_statement_failed_is_rolled_back_on_return(
+    mariadb_store: SqlEventStore,
+) -> None:
+    """asyncmy's transaction flag comes from successful replies only: after a COMMIT, a
+    failed UPDATE leaves it saying "no transaction" while the server holds the UPDATE's row
+    locks. The pool must roll that connection back anyway."""
+    store = mariadb_store
+    await store.append("a", [_event(0), _event(1)])
+    events = store._tables.events.name
+    async with store._engine.connect() as conn:
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        await driver.commit()
+        async with driver.cursor() as cursor:
+            with pytest.raises(Exception, match="Duplicate"):  # locks both rows, then fails
+                await cursor.execute(
+                    f"UPDATE {events} SET stream_version = 1 WHERE stream_id = 'a'")
+        assert not driver.server_status & 0x0001, "asyncmy's flag is no longer stale"
+    engine = create_async_engine(store._engine.url)
+    try:
+        async with engine.begin() as other:
+            await other.execute(text("SET SESSION innodb_lock_wait_timeout = 2"))
+            await other.execute(text(f"UPDATE {events} SET source = 'x' WHERE stream_id = 'a'"))
+            await other.rollback()
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
 async def test_a_schema_change_cancelled_while_it_waits_for_the_schema_lock_keeps_no_lock(
     mariadb_store: SqlEventStore,
 ) -> None:
@@ -553,10 +581,10 @@ async def test_a_schema_change_cancelled_while_it_waits_for_the_schema_lock_keep
             assert await holder.scalar(text("SELECT GET_LOCK(:name, 5)"), {"name": name}) == 1
             task = asyncio.create_task(store.create_schema())
             waiting = text("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
-                           "WHERE INFO LIKE 'SELECT GET_LOCK%' AND STATE LIKE '%lock%'")
+                           "WHERE INFO LIKE :statement")
             for _ in range(200):
                 async with engine.connect() as probe:
-                    if await probe.scalar(waiting):
+                    if await probe.scalar(waiting, {"statement": f"SELECT GET_LOCK('{name}'%"}):
                         break
                 await asyncio.sleep(0.05)
             else:

@@ -231,8 +231,8 @@ OUTBOX_SETTING_TTL: Final = 1.0
 #: Seconds a MySQL/MariaDB schema change waits for another one to finish before giving up.
 SCHEMA_LOCK_TIMEOUT: Final = 600
 _WRITE: Final = "agentevents_write"
-#: SERVER_STATUS_IN_TRANS of the MySQL protocol's status flags.
-_MYSQL_STATUS_IN_TRANS: Final = 0x0001
+#: In a connection's ``info``: its last transaction ended cleanly (see _reset_unless_ended).
+_ENDED: Final = "agentevents_ended"
 #: In a SQLite connection's ``info``: its next BEGIN is sent by :meth:`SqlEventStore._open`.
 _DRIVER_BEGIN: Final = "agentevents_driver_begin"
 #: SQLSTATE classes of a lost connection (08: connection exception; 57P0x: the server or an
@@ -405,9 +405,9 @@ class SqlEventStore(EventStore):
             hashlib.blake2b(self._lock_name.encode(), digest_size=8).digest(), "big", signed=True
         )
         options = dict(engine_options or {})
-        # aiosqlite and asyncmy know whether a transaction is open: the pool's rollback on
-        # return is then sent only when one is (every store transaction ends with its own
-        # COMMIT or ROLLBACK, so that rollback was one more round trip per transaction).
+        # Every store transaction ends with its own COMMIT or ROLLBACK: on aiosqlite and
+        # asyncmy the pool's rollback on return, one more round trip per transaction, is
+        # skipped for connections _open marks as ended (_reset_unless_ended).
         reset_if_open = ("pool_reset_on_return" not in options
                          and sa_url.get_driver_name() in ("aiosqlite", "asyncmy"))
         if reset_if_open:
@@ -422,7 +422,7 @@ class SqlEventStore(EventStore):
                 f"cannot use {self._shown!r} as an event store: {exc}"
             ) from exc
         if reset_if_open:
-            event.listen(self._engine.sync_engine, "reset", _reset_if_open)
+            event.listen(self._engine.sync_engine, "reset", _reset_unless_ended)
         if self._sqlite:
             event.listen(self._engine.sync_engine, "connect", _sqlite_connect)
             event.listen(self._engine.sync_engine, "begin", _sqlite_begin)
@@ -646,6 +646,7 @@ class SqlEventStore(EventStore):
                     f"cannot connect to the event store at {self._shown}: {_reason(exc)}"
                 ) from exc
             ordered = write and self._backend in ("postgresql", "mysql", "mariadb")
+            ended = False  # the transaction committed (or rolled back) by conn.begin()
             try:
                 if write and self._sqlite:
                     await conn.execution_options(**{_WRITE: True})
@@ -657,6 +658,7 @@ class SqlEventStore(EventStore):
                     if ordered:
                         await self._take_commit_order_lock(conn)
                     yield conn
+                ended = True
             except AgentEventsError:
                 raise  # translated already (BackendConnectionError is an OSError too)
             except (SQLAlchemyError, OSError) as exc:
@@ -666,8 +668,11 @@ class SqlEventStore(EventStore):
                     if ordered and self._backend != "postgresql":
                         await self._release_commit_order_lock(conn)
                 finally:  # even when the release was interrupted: back to the pool
-                    if write and self._sqlite and not conn.invalidated:
-                        conn.info.pop(_DRIVER_BEGIN, None)  # if the begin never came
+                    if not conn.invalidated:
+                        if write and self._sqlite:
+                            conn.info.pop(_DRIVER_BEGIN, None)  # if the begin never came
+                        if ended:  # committed, and any named lock released
+                            conn.info[_ENDED] = True
                     await conn.close()
 
     async def _take_commit_order_lock(self, conn: AsyncConnection) -> None:
@@ -1351,17 +1356,20 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def _reset_if_open(dbapi_connection: Any, _record: Any, state: PoolResetState) -> None:
-    """The pool's reset of a connection on its return (aiosqlite, asyncmy): a rollback if,
-    and only if, the driver says a transaction is open."""
+def _reset_unless_ended(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
+    """The pool's reset of a connection on its return (aiosqlite, asyncmy): a rollback,
+    unless :meth:`SqlEventStore._open` marked the connection's transaction as ended (its
+    COMMIT or ROLLBACK went through, its named lock was released) and nothing used the
+    connection since. Not asyncmy's own transaction flag: it is only updated by successful
+    replies, so a failed first statement of a transaction leaves it saying "none open"
+    while the server holds that transaction's locks."""
+    ended = record.info.pop(_ENDED, False)
     if state.terminate_only:  # the pool closes it: nothing to reset
         return
+    if ended:
+        return
     driver = dbapi_connection.driver_connection
-    if hasattr(driver, "server_status"):  # asyncmy: the status of the server's last reply
-        open_ = bool(driver.server_status & _MYSQL_STATUS_IN_TRANS)
-    else:  # aiosqlite
-        open_ = bool(driver.in_transaction)
-    if open_:
+    if getattr(driver, "in_transaction", True):  # aiosqlite: sqlite3's own, always current
         dbapi_connection.rollback()
 
 
