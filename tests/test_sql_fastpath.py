@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from services import SQL_SERVERS, sql_base, sql_tables
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from agentevents.core.errors import (
@@ -603,3 +603,21 @@ async def test_a_schema_change_cancelled_while_it_waits_for_the_schema_lock_keep
     finally:
         await engine.dispose()
     await store.create_schema()  # and schema changes go on
+
+
+@pytest.mark.asyncio
+async def test_a_mariadb_schema_change_releases_its_lock_and_keeps_its_connection(
+    mariadb_store: SqlEventStore,
+) -> None:
+    """The schema lock is released by RELEASE_LOCK after the commit, not by ending the
+    session: no connection is discarded, and the lock is free afterwards."""
+    store = mariadb_store
+    invalidated: list[object] = []
+    event.listen(store._engine.sync_engine, "invalidate",
+                 lambda *args: invalidated.append(args[-1]))
+    await store.create_schema()  # the tables exist: it still takes the lock, finds the head
+    await store.create_schema()
+    assert invalidated == []
+    name = f"agentevents-schema:{store.table_prefix}"[:64]
+    async with store._engine.connect() as conn:
+        assert await conn.scalar(text("SELECT IS_FREE_LOCK(:name)"), {"name": name}) == 1

@@ -596,7 +596,8 @@ class SqlEventStore(EventStore):
         Appends do not take this lock (nor the schema changes the commit-order lock).
         """
         name = f"agentevents-schema:{self.table_prefix}"[:64]
-        async with self._open(write=self._sqlite) as conn:
+        named = name if self._backend in ("mysql", "mariadb") else None
+        async with self._open(write=self._sqlite, release=named) as conn:
             if self._backend == "postgresql":
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                    {"key": _lock_key(name)})
@@ -609,15 +610,7 @@ class SqlEventStore(EventStore):
                         f"timed out after {SCHEMA_LOCK_TIMEOUT} s waiting for the schema lock "
                         f"{name!r} at {self._shown}; another schema change holds it"
                     )
-                try:
-                    yield conn
-                    await conn.commit()
-                finally:
-                    try:
-                        await conn.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
-                    except Exception:  # the session must not keep the lock: end it
-                        with contextlib.suppress(Exception):
-                            await conn.invalidate()
+                yield conn  # _open commits, then releases the lock
             else:
                 yield conn
 
@@ -635,8 +628,14 @@ class SqlEventStore(EventStore):
             yield conn
 
     @contextlib.asynccontextmanager
-    async def _open(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
-        """A connection in a transaction, committed on exit; driver errors translated."""
+    async def _open(self, *, write: bool,
+                    release: str | None = None) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction, committed on exit; driver errors translated.
+
+        On MySQL/MariaDB a write also takes the commit-order lock, and ``release`` names a
+        lock the caller takes (the schema lock): either is released after the transaction
+        ended, and the connection discarded if that fails.
+        """
         serialise = self._sqlite and (write or self._single_connection)
         async with self._lock if serialise else contextlib.nullcontext():
             try:
@@ -646,6 +645,8 @@ class SqlEventStore(EventStore):
                     f"cannot connect to the event store at {self._shown}: {_reason(exc)}"
                 ) from exc
             ordered = write and self._backend in ("postgresql", "mysql", "mariadb")
+            if ordered and self._backend != "postgresql":
+                release = self._lock_name
             ended = False  # the transaction committed (or rolled back) by conn.begin()
             try:
                 if write and self._sqlite:
@@ -665,8 +666,8 @@ class SqlEventStore(EventStore):
                 raise self._translate(exc) from exc
             finally:
                 try:
-                    if ordered and self._backend != "postgresql":
-                        await self._release_commit_order_lock(conn)
+                    if release is not None:
+                        await self._release_named_lock(conn, release)
                 finally:  # even when the release was interrupted: back to the pool
                     if not conn.invalidated:
                         if write and self._sqlite:
@@ -692,20 +693,21 @@ class SqlEventStore(EventStore):
                 f"{self._lock_name!r} at {self._shown}; another writer holds it too long"
             )
 
-    async def _release_commit_order_lock(self, conn: AsyncConnection) -> None:
-        """After the transaction ended: release the MySQL/MariaDB commit-order lock.
+    async def _release_named_lock(self, conn: AsyncConnection, name: str) -> None:
+        """After the transaction ended: release the MySQL/MariaDB lock ``name`` (a
+        ``GET_LOCK``; releasing one not held does nothing).
 
         An invalidated connection's session has ended, and the lock with it. Sent by asyncmy
         itself: through SQLAlchemy the statement would begin a transaction, and need one
-        more COMMIT; the pool's rollback on return ends the driver's own.
+        more COMMIT.
         """
         if conn.invalidated:
             return
         try:
             if self._driver_sql is not None:
-                await self._driver_fetch(conn, self._driver_sql.release_lock, (self._lock_name,))
+                await self._driver_fetch(conn, self._driver_sql.release_lock, (name,))
             else:
-                await conn.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": self._lock_name})
+                await conn.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
                 await conn.commit()
         except Exception:  # the session must not keep the lock: end it
             with contextlib.suppress(Exception):
