@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 from services import SQL_SERVERS, sql_base, sql_tables
 from sqlalchemy import event, select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from agentevents.core.errors import (
     BackendConnectionError,
@@ -281,6 +281,25 @@ async def mariadb_store(tmp_path: Path) -> AsyncIterator[SqlEventStore]:
             await store.close()
 
 
+async def _cancel_while_waiting(engine: AsyncEngine, work: Coroutine[Any, Any, Any],
+                                statement: str, what: str) -> None:
+    """Run ``work``; once MariaDB shows a statement like ``statement`` running (waiting for
+    a lock another session holds), cancel it, and see the cancellation come back."""
+    task = asyncio.ensure_future(work)
+    waiting = text("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE :s")
+    for _ in range(200):
+        async with engine.connect() as probe:
+            if await probe.scalar(waiting, {"s": statement}):
+                break
+        await asyncio.sleep(0.05)
+    else:
+        task.cancel()
+        pytest.fail(f"{what} never waited for the other session")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def _lock_is_free(store: SqlEventStore) -> bool:
     """Whether no session holds the store's commit-order lock (asked by another session)."""
     engine = create_async_engine(store._engine.url)
@@ -349,19 +368,9 @@ async def test_an_append_cancelled_in_its_insert_ends_the_session_and_so_the_loc
                 event_id=str(uuid.uuid4()), stream_id="s", stream_version=2,
                 event_type="fast.test", event_version=1, event_time_us=0, source="other",
                 payload="{}", metadata="{}", recorded_at_us=0))
-            task = asyncio.create_task(store.append("s", [_event(2)], expected_version=1))
-            waiting = text("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
-                           "WHERE INFO LIKE :insert")
-            for _ in range(200):
-                async with engine.connect() as probe:
-                    if await probe.scalar(waiting, {"insert": f"INSERT INTO {events.name}%"}):
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the append's INSERT never waited for the other transaction")
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await _cancel_while_waiting(
+                engine, store.append("s", [_event(2)], expected_version=1),
+                f"INSERT INTO {events.name}%", "the append's INSERT")
             await other.rollback()
     finally:
         await engine.dispose()
@@ -579,19 +588,8 @@ async def test_a_schema_change_cancelled_while_it_waits_for_the_schema_lock_keep
     try:
         async with engine.connect() as holder:
             assert await holder.scalar(text("SELECT GET_LOCK(:name, 5)"), {"name": name}) == 1
-            task = asyncio.create_task(store.create_schema())
-            waiting = text("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
-                           "WHERE INFO LIKE :statement")
-            for _ in range(200):
-                async with engine.connect() as probe:
-                    if await probe.scalar(waiting, {"statement": f"SELECT GET_LOCK('{name}'%"}):
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("create_schema never waited for the schema lock")
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await _cancel_while_waiting(engine, store.create_schema(),
+                                        f"SELECT GET_LOCK('{name}'%", "create_schema")
             await holder.scalar(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
         for _ in range(100):
             async with engine.connect() as probe:
