@@ -85,6 +85,14 @@ async def buses() -> AsyncIterator[list[Bus]]:
         await bus.close(timeout=5.0)
 
 
+def _spec(u: str, *, ephemeral: bool = False, ack_timeout: float = 30.0,
+          max_in_flight: int = 4) -> ConsumerSpec:
+    """The spec of member "m" on ``<u>.>``, in group ``<u>-g`` (or ephemeral), from
+    "latest", with 3 attempts."""
+    return ConsumerSpec(compile_pattern(f"{u}.>"), None if ephemeral else f"{u}-g", "latest",
+                        ack_timeout, "m", max_in_flight, 3)
+
+
 async def _create_consumer(bus: Bus, name: str, pattern: str, *, ack_wait: float,
                            max_batch: int) -> None:
     """A durable consumer created by "someone else", with limits of its own."""
@@ -309,7 +317,7 @@ class TestServerObjects:
         u = _unique()
         transport = bus.transport
         assert isinstance(transport, NatsTransport)
-        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 5.0, "m", 4, 3)
+        spec = _spec(u, ack_timeout=5.0)
         receiver = await transport.open_receiver(spec)
         try:
             await bus.publish(Event(type=f"{u}.job"))
@@ -380,7 +388,7 @@ class TestHotPaths:
         u = _unique()
         transport = bus.transport
         assert isinstance(transport, NatsTransport)
-        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 1.0, "m", 8, 3)
+        spec = _spec(u, ack_timeout=1.0, max_in_flight=8)
         receiver = await transport.open_receiver(spec)
         try:
             nc = await transport._connect()
@@ -407,7 +415,7 @@ class TestHotPaths:
         u = _unique()
         transport = bus.transport
         assert isinstance(transport, NatsTransport)
-        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 5.0, "m", 4, 3)
+        spec = _spec(u, ack_timeout=5.0)
         receiver = await transport.open_receiver(spec)
         try:
             assert await receiver.receive(4, 0.2) == []  # a pull request is now open
@@ -431,9 +439,9 @@ class TestHotPaths:
         assert isinstance(transport, NatsTransport)
         nc = await transport._connect()
         durable = await transport.open_receiver(
-            ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3))
+            _spec(u))
         ephemeral = await transport.open_receiver(
-            ConsumerSpec(compile_pattern(f"{u}.>"), None, "latest", 30.0, "m", 4, 3))
+            _spec(u, ephemeral=True))
         assert isinstance(durable, NatsReceiver)
         assert isinstance(ephemeral, NatsReceiver)
         assert await durable.receive(4, 0.2) == []  # pull requests are open
@@ -461,7 +469,7 @@ class TestHotPaths:
         # The prefetched messages were handed back (NAK): another member has them now,
         # long before the 30 s ack_wait.
         other = await transport.open_receiver(
-            ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3))
+            _spec(u))
         try:
             got: list[InboundMessage] = []
             deadline = time.monotonic() + 5
@@ -510,7 +518,7 @@ class TestHotPaths:
         name = consumer_name(f"{u}-g", f"{u}.>")
         # Created by someone else: a max_batch and an ack_wait shorter than ours.
         await _create_consumer(bus, name, f"{u}.>", ack_wait=1.0, max_batch=2)
-        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3)
+        spec = _spec(u)
         first = await transport.open_receiver(spec)
         second = await transport.open_receiver(spec)
         assert isinstance(first, NatsReceiver)
@@ -549,7 +557,7 @@ class TestHotPaths:
         assert isinstance(transport, NatsTransport)
         name = consumer_name(f"{u}-g", f"{u}.>")
         await _create_consumer(bus, name, f"{u}.>", ack_wait=30.0, max_batch=3)
-        spec = ConsumerSpec(compile_pattern(f"{u}.>"), f"{u}-g", "latest", 30.0, "m", 4, 3)
+        spec = _spec(u)
         receiver = await transport.open_receiver(spec)
         assert isinstance(receiver, NatsReceiver)
         receiver._max_batch = 0  # as if the limit came after we joined
