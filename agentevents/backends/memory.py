@@ -163,7 +163,7 @@ class MemoryReceiver(Receiver):
         self, broker: MemoryBroker, key: tuple[str, str], name: str, ack_timeout: float
     ) -> None:
         self._broker = broker
-        # Each member's own ack_timeout: the core keeps a message alive at a third of the
+        # Each member's own ack_timeout: the core keeps a message alive well within the
         # member's value, so the broker must time out at that member's value too.
         self._ack_timeout = ack_timeout
         self._key = key

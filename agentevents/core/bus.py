@@ -405,10 +405,17 @@ class Subscription:
                               len(batch))
 
     async def _keep_alive_loop(self) -> None:
-        period = self._options.ack_timeout / 3
+        """Extend the messages handlers hold, so none outlives its ``ack_timeout``.
+
+        Wakes every quarter of ``ack_timeout`` and extends what has been held (or last
+        extended) for at least half of that: a message is first extended within 3/8 of
+        ``ack_timeout`` of being taken and then every quarter, leaving the broker's timer
+        well over half of its time as slack for a slow event loop.
+        """
+        period = self._options.ack_timeout / 4
         while True:
             await asyncio.sleep(period)
-            cutoff = time.monotonic() - period
+            cutoff = time.monotonic() - period / 2
             old = [m for m, since in self._held.items() if since <= cutoff]
             if not old:
                 continue
