@@ -234,9 +234,11 @@ async def test_a_publish_slower_than_the_lease_keeps_it_and_nothing_is_published
     throttling) does not let a standby take over mid-publish and publish the batch again,
     back and forth (a duplicate storm)."""
     recorded = await _append(store, 5)
-    transport.delay = 0.45  # every publish outlasts the 0.3 s lease
+    # Every publish outlasts the 0.6 s lease (renewed every 0.2 s: a standby could take
+    # it only after a stall of 0.4 s).
+    transport.delay = 0.8
     relays = [OutboxRelay(MemoryEventStore(name, outbox=True), bus, batch_size=2,
-                          lease_ttl=0.3, owner=f"relay-{n}") for n in range(2)]
+                          lease_ttl=0.6, owner=f"relay-{n}") for n in range(2)]
     await _relay_all(relays, lambda: sum(relay.published for relay in relays) >= 5,
                      "every event published and marked")
     assert transport.sent_ids() == _ids(recorded), "every event once, in order"
@@ -251,11 +253,11 @@ async def test_the_lease_is_renewed_while_a_failing_publish_backs_off(
     """A retry backoff longer than the lease does not hand the lease to a standby."""
     recorded = await _append(store, 5)
     transport.failures = 2
-    active = OutboxRelay(store, bus, lease_ttl=0.3, retry_backoff=0.5, max_backoff=0.5,
+    active = OutboxRelay(store, bus, lease_ttl=0.6, retry_backoff=1.0, max_backoff=1.0,
                          owner="active")
     other_transport = RecordingTransport(f"{name}-other")
     other_bus = Bus(other_transport)
-    standby = OutboxRelay(MemoryEventStore(name, outbox=True), other_bus, lease_ttl=0.3,
+    standby = OutboxRelay(MemoryEventStore(name, outbox=True), other_bus, lease_ttl=0.6,
                           owner="standby")
     first = asyncio.create_task(active.run())
     try:
